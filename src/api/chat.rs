@@ -1,0 +1,196 @@
+//! `/chat/*` and `/chatflows/*`: login, tokens, credits, conversations, catalogue.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{flowise_call, page, parse_body, ApiResult, Reply};
+use crate::app::App;
+use crate::auth::Identity;
+use crate::errors::ApiError;
+use crate::ledger::Price;
+use crate::proxy::Ctx;
+use crate::store;
+
+fn identity(ctx: &Ctx) -> Result<&Identity, ApiError> {
+    ctx.identity.as_ref().ok_or_else(ApiError::unauthorized)
+}
+
+#[derive(Deserialize)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+pub async fn authenticate(app: &App, ctx: &Ctx) -> ApiResult {
+    let body: Login = parse_body(ctx)?;
+    if body.username.is_empty() || body.username.len() > 64 || body.password.len() > 1024 {
+        // Same answer as any other failure.
+        return Err(ApiError::invalid_credentials());
+    }
+    let ip = ctx.client_ip.clone().unwrap_or_default();
+    let (pair, user) = app.auth.login(&app.db, &body.username, &body.password, &ip).await?;
+    Ok(Reply::ok(json!({
+        "access_token": pair.access_token,
+        "refresh_token": pair.refresh_token,
+        "token_type": "bearer",
+        "expires_in": pair.expires_in,
+        "user": {"id": user.id, "username": user.username, "role": user.role},
+    })))
+}
+
+#[derive(Deserialize)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+pub async fn refresh(app: &App, ctx: &Ctx) -> ApiResult {
+    let body: RefreshBody = parse_body(ctx)?;
+    let (pair, user_id, role) = app.auth.refresh(&app.db, &body.refresh_token).await?;
+    Ok(Reply::ok(json!({
+        "access_token": pair.access_token,
+        "refresh_token": pair.refresh_token,
+        "token_type": "bearer",
+        "expires_in": pair.expires_in,
+        "user": {"id": user_id, "role": role.as_str()},
+    })))
+}
+
+#[derive(Deserialize)]
+struct RevokeBody {
+    refresh_token: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
+    let who = identity(ctx)?;
+    let body: RevokeBody = if ctx.body.is_some() { parse_body(ctx)? } else { RevokeBody { refresh_token: None, all: false } };
+    app.auth
+        .revoke(&app.db, who, body.refresh_token.as_deref(), body.all)
+        .await?;
+    Ok(Reply::ok(json!({"revoked": true})))
+}
+
+pub async fn credits(app: &App, ctx: &Ctx) -> ApiResult {
+    let who = identity(ctx)?;
+    let (available, held) = store::ledger::balance(&app.db, who.user_id)
+        .await?
+        .unwrap_or((0, 0));
+    Ok(Reply::ok(json!({"credits": available, "held": held})))
+}
+
+pub async fn sessions(app: &App, ctx: &Ctx) -> ApiResult {
+    let who = identity(ctx)?;
+    let (limit, offset) = page(ctx.query.as_deref());
+    let rows = store::sessions::list(&app.db, who.user_id, limit, offset).await?;
+    Ok(Reply::ok(Value::Array(rows)))
+}
+
+pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
+    let who = identity(ctx)?;
+    let chatflow = app
+        .sessions
+        .owned(&app.db, id, who.user_id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let path = format!(
+        "/api/v1/chatmessage/{chatflow}?chatId={}",
+        crate::proxy::route_urlencode(id)
+    );
+    let (status, body) = flowise_call(app, ctx, "GET", &path).await?;
+    if !(200..300).contains(&status) {
+        return Err(ApiError::upstream_error());
+    }
+    let rows: Vec<Value> = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
+    let mut messages: Vec<Value> = rows
+        .into_iter()
+        .filter(|m| {
+            m.get("chatId").and_then(Value::as_str) == Some(id)
+                || m.get("sessionId").and_then(Value::as_str) == Some(id)
+        })
+        .map(|mut m| {
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some("userMessage") => "user",
+                Some("apiMessage") => "assistant",
+                Some(other) => other,
+                None => "unknown",
+            }
+            .to_string();
+            let content = m.get("content").cloned().unwrap_or(Value::Null);
+            let time = m.get("createdDate").cloned().unwrap_or(Value::Null);
+            if let Value::Object(o) = &mut m {
+                o.insert("role".into(), Value::String(role));
+                o.insert("content".into(), content);
+                o.insert("time".into(), time);
+            }
+            m
+        })
+        .collect();
+    messages.sort_by(|a, b| {
+        let t = |v: &Value| v.get("time").and_then(Value::as_str).unwrap_or("").to_string();
+        t(a).cmp(&t(b))
+    });
+    Ok(Reply::ok(json!({"session_id": id, "chatflow_id": chatflow, "messages": messages})))
+}
+
+pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
+    let who = identity(ctx)?;
+    let chatflow = app
+        .sessions
+        .owned(&app.db, id, who.user_id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let path = format!(
+        "/api/v1/chatmessage/{chatflow}?chatId={}",
+        crate::proxy::route_urlencode(id)
+    );
+    let (status, _) = flowise_call(app, ctx, "DELETE", &path).await?;
+    if !(200..300).contains(&status) && status != 404 {
+        return Err(ApiError::upstream_error());
+    }
+    store::sessions::delete(&app.db, id, who.user_id).await?;
+    app.sessions.forget(id);
+    Ok(Reply::ok(json!({"deleted": true, "session_id": id})))
+}
+
+fn chatflow_json(app: &App, c: &store::catalog::ChatflowRow) -> Value {
+    let price = Price::of(Some(c), app.cfg.default_credit_cost);
+    json!({
+        "id": c.id, "name": c.name, "category": c.category, "deployed": c.deployed,
+        "credit_cost": price.flat,
+        "credits_per_1k_tokens": c.credits_per_1k_tokens,
+        "max_hold": c.max_hold,
+    })
+}
+
+pub fn chatflows(app: &App, ctx: &Ctx) -> ApiResult {
+    let who = identity(ctx)?;
+    let snap = app.auth.snapshot.get();
+    let mut list: Vec<&store::catalog::ChatflowRow> = snap
+        .chatflows
+        .values()
+        .filter(|c| !c.deleted && (who.is_admin() || snap.is_granted(who.user_id, &c.id)))
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    Ok(Reply::ok(Value::Array(list.into_iter().map(|c| chatflow_json(app, c)).collect())))
+}
+
+/// Access was checked by the pipeline (404 unknown, 403 not granted).
+pub fn chatflow(app: &App, id: &str) -> ApiResult {
+    let snap = app.auth.snapshot.get();
+    let c = snap.chatflow(id).ok_or_else(ApiError::not_found)?;
+    Ok(Reply::ok(chatflow_json(app, c)))
+}
+
+pub async fn chatflow_config(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
+    let (status, body) = flowise_call(app, ctx, "GET", &format!("/api/v1/public-chatbotConfig/{id}")).await?;
+    if !(200..300).contains(&status) {
+        return Err(if status == 404 || status == 500 { ApiError::not_found() } else { ApiError::upstream_error() });
+    }
+    let mut v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
+    if let Value::Object(m) = &mut v {
+        // The flow's internals (nodes, credentials ids, prompts) stay private.
+        m.remove("flowData");
+    }
+    Ok(Reply::ok(v))
+}

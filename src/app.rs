@@ -1,0 +1,47 @@
+//! The shared state every request sees: configuration, database pool, identity,
+//! ledger, Flowise servers.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::auth::{Auth, SnapshotStore};
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::sessions::SessionBindings;
+use crate::store::Db;
+use crate::upstream::Upstreams;
+
+pub struct App {
+    pub cfg: Config,
+    pub db: Db,
+    pub auth: Auth,
+    pub ledger: Arc<Ledger>,
+    pub upstreams: Upstreams,
+    pub sessions: SessionBindings,
+    /// Set by SIGTERM: `/health` turns 503 while in-flight work finishes.
+    draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(cfg: Config, db: Db) -> Result<Arc<App>, String> {
+        let snapshot = Arc::new(SnapshotStore::new());
+        let upstreams = Upstreams::new(&cfg)?;
+        Ok(Arc::new(App {
+            auth: Auth::new(&cfg, snapshot),
+            ledger: Ledger::new(db.clone()),
+            sessions: SessionBindings::new(),
+            upstreams,
+            db,
+            cfg,
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,314 @@
+//! Who is calling: access JWTs issued by this proxy, API keys (`fpk_…`), refresh
+//! tokens with rotation, login with throttling. Checking a token reads only the
+//! in-memory snapshot.
+
+pub mod password;
+pub mod snapshot;
+pub mod throttle;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use jsonwebtoken::{decode, encode, errors::ErrorKind, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::errors::ApiError;
+use crate::store::{self, identity::RefreshOutcome, Db};
+pub use snapshot::{Role, SnapshotStore};
+
+const ISSUER: &str = "flowise-proxy";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub role: String,
+    pub jti: String,
+    pub iat: i64,
+    pub exp: i64,
+    pub iss: String,
+    /// Issue time in milliseconds, so "revoke all" cuts precisely.
+    #[serde(default)]
+    pub iat_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Credential {
+    Jwt { jti: Uuid, expires_at: DateTime<Utc> },
+    ApiKey,
+}
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user_id: i64,
+    pub role: Role,
+    pub credential: Credential,
+}
+
+impl Identity {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// Why a token was refused (the metric label and the client's error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed,
+    Expired,
+    BadSignature,
+    Revoked,
+    UnknownUser,
+    Inactive,
+    BadApiKey,
+}
+
+impl AuthFailure {
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::Expired => "expired",
+            AuthFailure::BadSignature => "bad_signature",
+            AuthFailure::Revoked => "revoked",
+            AuthFailure::UnknownUser => "unknown_user",
+            AuthFailure::Inactive => "inactive",
+            AuthFailure::BadApiKey => "bad_api_key",
+        }
+    }
+
+    pub fn api_error(self) -> ApiError {
+        match self {
+            AuthFailure::Missing => ApiError::unauthorized(),
+            AuthFailure::Expired => ApiError::token_expired(),
+            _ => ApiError::invalid_token(),
+        }
+    }
+}
+
+pub struct TokenPair {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: i64,
+}
+
+pub struct Auth {
+    pub snapshot: Arc<SnapshotStore>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    algorithm: jsonwebtoken::Algorithm,
+    access_lifetime: ChronoDuration,
+    refresh_lifetime: ChronoDuration,
+    pub throttle: throttle::LoginThrottle,
+}
+
+impl Auth {
+    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>) -> Auth {
+        let mut validation = Validation::new(cfg.jwt_algorithm);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
+        validation.leeway = 0;
+        Auth {
+            snapshot,
+            encoding: EncodingKey::from_secret(&cfg.jwt_secret),
+            decoding: DecodingKey::from_secret(&cfg.jwt_secret),
+            validation,
+            algorithm: cfg.jwt_algorithm,
+            access_lifetime: ChronoDuration::milliseconds(cfg.jwt_expiration.as_millis() as i64),
+            refresh_lifetime: ChronoDuration::milliseconds(
+                cfg.refresh_token_lifetime.as_millis() as i64,
+            ),
+            throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
+        }
+    }
+
+    /// Authenticates an `Authorization` header value against the snapshot.
+    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
+        let header = header.ok_or(AuthFailure::Missing)?;
+        let header = std::str::from_utf8(header).map_err(|_| AuthFailure::Malformed)?;
+        let (scheme, token) = header.trim().split_once(' ').ok_or(AuthFailure::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthFailure::Malformed);
+        }
+        let token = token.trim();
+        if token.is_empty() || token.len() > 4096 {
+            return Err(AuthFailure::Malformed);
+        }
+        if token.starts_with("fpk_") {
+            self.authenticate_api_key(token)
+        } else {
+            self.authenticate_jwt(token)
+        }
+    }
+
+    fn authenticate_api_key(&self, token: &str) -> Result<Identity, AuthFailure> {
+        let (prefix, secret) = password::parse_api_key(token).ok_or(AuthFailure::BadApiKey)?;
+        let snap = self.snapshot.get();
+        let key = snap.api_keys.get(prefix).ok_or(AuthFailure::BadApiKey)?;
+        if !password::ct_eq(&password::sha256(secret.as_bytes()), &key.secret_hash) {
+            return Err(AuthFailure::BadApiKey);
+        }
+        let user = snap.users.get(&key.user_id).ok_or(AuthFailure::UnknownUser)?;
+        if !user.active {
+            return Err(AuthFailure::Inactive);
+        }
+        Ok(Identity {
+            user_id: key.user_id,
+            role: user.role,
+            credential: Credential::ApiKey,
+        })
+    }
+
+    fn authenticate_jwt(&self, token: &str) -> Result<Identity, AuthFailure> {
+        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthFailure::Expired,
+            ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+            _ => AuthFailure::Malformed,
+        })?;
+        let c = data.claims;
+        let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
+        let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
+        let snap = self.snapshot.get();
+        if snap.revoked.contains(&jti) {
+            return Err(AuthFailure::Revoked);
+        }
+        let user = snap.users.get(&user_id).ok_or(AuthFailure::UnknownUser)?;
+        if !user.active {
+            return Err(AuthFailure::Inactive);
+        }
+        let issued_ms = if c.iat_ms > 0 { c.iat_ms } else { c.iat * 1000 };
+        if issued_ms < user.tokens_valid_after.timestamp_millis() {
+            return Err(AuthFailure::Revoked);
+        }
+        Ok(Identity {
+            user_id,
+            // The current role, not the one in the token: a demotion is immediate.
+            role: user.role,
+            credential: Credential::Jwt {
+                jti,
+                expires_at: DateTime::from_timestamp(c.exp, 0).unwrap_or_else(Utc::now),
+            },
+        })
+    }
+
+    fn issue_access(&self, user_id: i64, role: Role) -> Result<String, ApiError> {
+        let now = Utc::now();
+        let claims = Claims {
+            sub: user_id.to_string(),
+            role: role.as_str().into(),
+            jti: Uuid::new_v4().to_string(),
+            iat: now.timestamp(),
+            exp: (now + self.access_lifetime).timestamp(),
+            iss: ISSUER.into(),
+            iat_ms: now.timestamp_millis(),
+        };
+        encode(&Header::new(self.algorithm), &claims, &self.encoding).map_err(|_| ApiError::internal())
+    }
+
+    async fn issue_pair(&self, db: &Db, user_id: i64, role: Role, family: Uuid) -> Result<TokenPair, ApiError> {
+        let access_token = self.issue_access(user_id, role)?;
+        let refresh_token = password::random_token(32);
+        store::identity::insert_refresh_token(
+            db,
+            user_id,
+            &password::sha256(refresh_token.as_bytes()),
+            family,
+            Utc::now() + self.refresh_lifetime,
+        )
+        .await?;
+        Ok(TokenPair {
+            access_token,
+            refresh_token,
+            expires_in: self.access_lifetime.num_seconds(),
+        })
+    }
+
+    /// Password login. Every failure is the same 401, after the same work.
+    pub async fn login(
+        &self,
+        db: &Db,
+        username: &str,
+        password: &str,
+        client_ip: &str,
+    ) -> Result<(TokenPair, store::identity::UserRow), ApiError> {
+        if let Some(wait) = self.throttle.check(username, client_ip) {
+            crate::metrics::LOGINS.with_label_values(&["throttled"]).inc();
+            return Err(ApiError::rate_limited(wait));
+        }
+        let found = store::identity::login_lookup(db, username).await?;
+        let hash = found.as_ref().map(|(_, h)| h.clone());
+        let pw = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || password::verify_password(&pw, hash.as_deref()))
+            .await
+            .unwrap_or(false);
+        match found {
+            Some((user, _)) if ok && user.active => {
+                self.throttle.succeeded(username);
+                crate::metrics::LOGINS.with_label_values(&["success"]).inc();
+                let role = Role::parse(&user.role).unwrap_or(Role::User);
+                let pair = self.issue_pair(db, user.id, role, Uuid::new_v4()).await?;
+                Ok((pair, user))
+            }
+            _ => {
+                self.throttle.failed(username, client_ip);
+                crate::metrics::LOGINS.with_label_values(&["failure"]).inc();
+                crate::metrics::AUTH_FAILURES
+                    .with_label_values(&["invalid_credentials"])
+                    .inc();
+                Err(ApiError::invalid_credentials())
+            }
+        }
+    }
+
+    /// Exchanges a refresh token for a new pair (rotation with reuse detection).
+    pub async fn refresh(&self, db: &Db, refresh_token: &str) -> Result<(TokenPair, i64, Role), ApiError> {
+        if refresh_token.is_empty() || refresh_token.len() > 256 {
+            return Err(ApiError::invalid_token());
+        }
+        let hash = password::sha256(refresh_token.as_bytes());
+        match store::identity::rotate_refresh_token(db, &hash).await? {
+            RefreshOutcome::Rotated { user_id, family } => {
+                let snap = self.snapshot.get();
+                let user = match snap.users.get(&user_id) {
+                    Some(u) if u.active => u.clone(),
+                    _ => return Err(ApiError::invalid_token()),
+                };
+                drop(snap);
+                let pair = self.issue_pair(db, user_id, user.role, family).await?;
+                Ok((pair, user_id, user.role))
+            }
+            RefreshOutcome::Reused => {
+                crate::metrics::AUTH_FAILURES.with_label_values(&["refresh_reuse"]).inc();
+                Err(ApiError::invalid_token())
+            }
+            RefreshOutcome::Invalid => {
+                crate::metrics::AUTH_FAILURES.with_label_values(&["refresh_invalid"]).inc();
+                Err(ApiError::invalid_token())
+            }
+        }
+    }
+
+    /// Revokes the presented access token (and a refresh family, or everything).
+    pub async fn revoke(
+        &self,
+        db: &Db,
+        who: &Identity,
+        refresh_token: Option<&str>,
+        all: bool,
+    ) -> Result<(), ApiError> {
+        if all {
+            store::identity::revoke_all_for_user(db, who.user_id).await?;
+        } else if let Some(rt) = refresh_token {
+            store::identity::revoke_refresh_family(db, who.user_id, &password::sha256(rt.as_bytes()))
+                .await?;
+        }
+        if let Credential::Jwt { jti, expires_at } = &who.credential {
+            store::identity::revoke_access_token(db, *jti, *expires_at).await?;
+        }
+        self.snapshot.invalidate();
+        Ok(())
+    }
+}

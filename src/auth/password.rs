@@ -1,0 +1,100 @@
+//! Secrets at rest: argon2id for passwords, SHA-256 for high-entropy tokens
+//! (refresh tokens and API key secrets are 256-bit random, so a slow hash adds
+//! nothing but latency), constant-time comparison everywhere.
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine;
+use once_cell::sync::Lazy;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub fn hash_password(password: &str) -> Result<String, String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| format!("hashing failed: {e}"))
+}
+
+/// A real hash of a random password, verified against when the username is
+/// unknown so that a missing user costs the same time as a wrong password.
+static DUMMY_HASH: Lazy<String> = Lazy::new(|| {
+    hash_password(&random_token(16)).unwrap_or_default()
+});
+
+/// Verifies `password` against `hash` (or against a dummy when there is no user).
+pub fn verify_password(password: &str, hash: Option<&str>) -> bool {
+    let (h, real) = match hash {
+        Some(h) => (h.to_string(), true),
+        None => (DUMMY_HASH.clone(), false),
+    };
+    let ok = match PasswordHash::new(&h) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    };
+    ok && real
+}
+
+/// `n` random bytes, base64url without padding.
+pub fn random_token(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut buf);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    Sha256::digest(data).to_vec()
+}
+
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// API keys look like `fpk_<prefix>_<secret>`: the prefix finds the key, the
+/// secret proves it. Only the prefix and the secret's hash are stored.
+pub struct NewApiKey {
+    pub token: String,
+    pub prefix: String,
+    pub secret_hash: Vec<u8>,
+}
+
+pub fn new_api_key() -> NewApiKey {
+    let mut p = [0u8; 6];
+    rand::thread_rng().fill_bytes(&mut p);
+    let prefix = hex::encode(p);
+    let secret = random_token(32);
+    NewApiKey {
+        token: format!("fpk_{prefix}_{secret}"),
+        secret_hash: sha256(secret.as_bytes()),
+        prefix,
+    }
+}
+
+/// Splits a presented API key into (prefix, secret).
+pub fn parse_api_key(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix("fpk_")?;
+    let (prefix, secret) = rest.split_once('_')?;
+    (prefix.len() == 12 && !secret.is_empty() && secret.len() <= 128).then_some((prefix, secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_keys() {
+        let h = hash_password("correct horse").expect("hash");
+        assert!(verify_password("correct horse", Some(&h)));
+        assert!(!verify_password("wrong", Some(&h)));
+        assert!(!verify_password("correct horse", None));
+        let k = new_api_key();
+        let (prefix, secret) = parse_api_key(&k.token).expect("parse");
+        assert_eq!(prefix, k.prefix);
+        assert!(ct_eq(&sha256(secret.as_bytes()), &k.secret_hash));
+        assert!(parse_api_key("fpk_short_x").is_none());
+    }
+}

@@ -1,0 +1,402 @@
+//! Configuration: environment variables over an optional YAML file, validated once.
+//!
+//! The YAML file is Pingora's own configuration file (`-c`); Pingora ignores keys it
+//! does not know, so our settings live beside its keys, lower-cased
+//! (`flowise_api_url: ...`). Environment variables use the original Python
+//! service's names so its `.env` files keep working, and win over the file.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub flowise_urls: Vec<FlowiseUrl>,
+    pub flowise_api_key: Option<String>,
+    pub database_url: String,
+    pub database_pool_size: usize,
+    pub jwt_secret: Vec<u8>,
+    pub jwt_algorithm: Algorithm,
+    pub jwt_expiration: Duration,
+    pub refresh_token_lifetime: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    pub cors_allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_read_timeout: Duration,
+    pub default_credit_cost: i64,
+    pub hold_ttl: Duration,
+    pub log_json: bool,
+    pub debug: bool,
+    pub migrate_on_start: bool,
+    pub database_wait: Duration,
+    pub health_check_interval: Duration,
+    pub catalog_sync_interval: Duration,
+    pub snapshot_reload_interval: Duration,
+    pub sweeper_interval: Duration,
+    /// How long SIGTERM waits for in-flight requests before Pingora's own exit.
+    pub grace_period: Duration,
+    pub login_attempts_per_minute: u32,
+}
+
+/// One Flowise server: where to connect and what to send as `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowiseUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// Path prefix when Flowise is mounted below `/` (no trailing slash).
+    pub base_path: String,
+}
+
+impl FlowiseUrl {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+    pub fn host_header(&self) -> String {
+        let default_port = if self.tls { 443 } else { 80 };
+        if self.port == default_port {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Sample secrets that appear in documentation and must never run in production.
+const KNOWN_SAMPLE_SECRETS: &[&str] = &[
+    "your-secret-key",
+    "your-secret-key-here",
+    "your_secret_key",
+    "change-me",
+    "changeme",
+    "secret",
+    "your-super-secret-jwt-key-change-this-in-production",
+    "CHANGE_ME_TO_A_LONG_RANDOM_SECRET_AT_LEAST_32_BYTES",
+];
+
+/// Where a value came from: an environment variable or the YAML file.
+struct Source {
+    yaml: serde_yaml::Mapping,
+}
+
+impl Source {
+    fn get(&self, name: &str) -> Option<String> {
+        if let Ok(v) = std::env::var(name) {
+            return Some(v);
+        }
+        let key = serde_yaml::Value::String(name.to_ascii_lowercase());
+        match self.yaml.get(&key)? {
+            serde_yaml::Value::String(s) => Some(s.clone()),
+            serde_yaml::Value::Number(n) => Some(n.to_string()),
+            serde_yaml::Value::Bool(b) => Some(b.to_string()),
+            serde_yaml::Value::Sequence(items) => Some(
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            _ => None,
+        }
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &str, default: T, errs: &mut Vec<String>) -> T {
+        match self.get(name) {
+            None => default,
+            Some(v) if v.trim().is_empty() => default,
+            Some(v) => match v.trim().parse() {
+                Ok(x) => x,
+                Err(_) => {
+                    errs.push(format!("{name}: cannot parse {:?}", v));
+                    default
+                }
+            },
+        }
+    }
+
+    fn bool(&self, name: &str, default: bool, errs: &mut Vec<String>) -> bool {
+        match self.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+            None => default,
+            Some(v) if v.is_empty() => default,
+            Some(v) => match v.as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    errs.push(format!("{name}: expected true or false, got {v:?}"));
+                    default
+                }
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates. Every problem is reported, one line each.
+    pub fn load(yaml_path: Option<&str>) -> Result<Config, Vec<String>> {
+        let mut errs = Vec::new();
+        let yaml = match yaml_path {
+            None => serde_yaml::Mapping::new(),
+            Some(path) => match std::fs::read_to_string(path) {
+                Err(e) => return Err(vec![format!("cannot read configuration file {path}: {e}")]),
+                Ok(text) => match serde_yaml::from_str::<serde_yaml::Value>(&text) {
+                    Ok(serde_yaml::Value::Mapping(m)) => m,
+                    Ok(serde_yaml::Value::Null) => serde_yaml::Mapping::new(),
+                    Ok(_) => return Err(vec![format!("{path}: expected a YAML mapping")]),
+                    Err(e) => return Err(vec![format!("{path}: invalid YAML: {e}")]),
+                },
+            },
+        };
+        let src = Source { yaml };
+        Self::from_source(&src, &mut errs).ok_or(errs)
+    }
+
+    fn from_source(src: &Source, errs: &mut Vec<String>) -> Option<Config> {
+        let host = src.get("HOST").unwrap_or_else(|| "0.0.0.0".into());
+        let port = src.parse("PORT", 8000u16, errs);
+
+        let flowise_raw = src
+            .get("FLOWISE_API_URL")
+            .unwrap_or_else(|| "http://localhost:3000".into());
+        let mut flowise_urls = Vec::new();
+        for part in flowise_raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match parse_flowise_url(part) {
+                Ok(u) => flowise_urls.push(u),
+                Err(e) => errs.push(format!("FLOWISE_API_URL: {e}")),
+            }
+        }
+        if flowise_urls.is_empty() && !flowise_raw.trim().is_empty() {
+            // error already reported
+        } else if flowise_urls.is_empty() {
+            errs.push("FLOWISE_API_URL: no Flowise URL given".into());
+        }
+
+        let flowise_api_key = src.get("FLOWISE_API_KEY").filter(|k| !k.is_empty());
+
+        let database_url = src.get("DATABASE_URL").unwrap_or_default();
+        if database_url.is_empty() {
+            errs.push("DATABASE_URL: required (postgresql://user@host:port/db)".into());
+        } else if !(database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            errs.push("DATABASE_URL: must start with postgresql:// or postgres://".into());
+        } else if database_url.parse::<tokio_postgres::Config>().is_err() {
+            errs.push("DATABASE_URL: not a valid PostgreSQL URL".into());
+        }
+        let database_pool_size = src.parse("DATABASE_POOL_SIZE", 16usize, errs);
+        if database_pool_size == 0 {
+            errs.push("DATABASE_POOL_SIZE: must be at least 1".into());
+        }
+
+        let jwt_secret = src.get("JWT_SECRET_KEY").unwrap_or_default();
+        if jwt_secret.is_empty() {
+            errs.push("JWT_SECRET_KEY: required (at least 32 random bytes)".into());
+        } else if KNOWN_SAMPLE_SECRETS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(jwt_secret.trim()))
+        {
+            errs.push("JWT_SECRET_KEY: is a published sample value; generate a random one".into());
+        } else if jwt_secret.len() < 32 {
+            errs.push(format!(
+                "JWT_SECRET_KEY: too short ({} bytes, need at least 32)",
+                jwt_secret.len()
+            ));
+        }
+        let jwt_algorithm = match src
+            .get("JWT_ALGORITHM")
+            .unwrap_or_else(|| "HS256".into())
+            .to_ascii_uppercase()
+            .as_str()
+        {
+            "HS256" => Algorithm::HS256,
+            "HS384" => Algorithm::HS384,
+            "HS512" => Algorithm::HS512,
+            other => {
+                errs.push(format!("JWT_ALGORITHM: {other:?} is not one of HS256, HS384, HS512"));
+                Algorithm::HS256
+            }
+        };
+        let jwt_hours: f64 = src.parse("JWT_EXPIRATION_HOURS", 24.0, errs);
+        if !(jwt_hours > 0.0 && jwt_hours <= 24.0 * 366.0) {
+            errs.push("JWT_EXPIRATION_HOURS: must be positive".into());
+        }
+        let refresh_days: f64 = src.parse("REFRESH_TOKEN_DAYS", 7.0, errs);
+        if !(refresh_days > 0.0 && refresh_days <= 3660.0) {
+            errs.push("REFRESH_TOKEN_DAYS: must be positive".into());
+        }
+
+        let metrics_raw = src.get("METRICS_ADDR").unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_addr = if metrics_raw.trim().is_empty() {
+            None
+        } else {
+            match metrics_raw.trim().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    errs.push(format!("METRICS_ADDR: {metrics_raw:?} is not HOST:PORT"));
+                    None
+                }
+            }
+        };
+        let cors_allowed_origins = src
+            .get("CORS_ALLOWED_ORIGINS")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let max_body_bytes = src.parse("MAX_BODY_BYTES", 10_485_760usize, errs);
+        if max_body_bytes == 0 {
+            errs.push("MAX_BODY_BYTES: must be positive".into());
+        }
+        let connect_ms = src.parse("UPSTREAM_CONNECT_TIMEOUT_MS", 5000u64, errs);
+        let read_ms = src.parse("UPSTREAM_READ_TIMEOUT_MS", 300_000u64, errs);
+        if connect_ms == 0 || read_ms == 0 {
+            errs.push("UPSTREAM_*_TIMEOUT_MS: must be positive".into());
+        }
+        let default_credit_cost = src.parse("DEFAULT_CREDIT_COST", 1i64, errs);
+        if default_credit_cost < 0 {
+            errs.push("DEFAULT_CREDIT_COST: must not be negative".into());
+        }
+        let hold_ttl = src.parse("HOLD_TTL_SECONDS", 900u64, errs);
+        if hold_ttl == 0 {
+            errs.push("HOLD_TTL_SECONDS: must be positive".into());
+        }
+        let log_format = src.get("LOG_FORMAT").unwrap_or_else(|| "json".into());
+        let log_json = match log_format.to_ascii_lowercase().as_str() {
+            "json" | "" => true,
+            "text" => false,
+            other => {
+                errs.push(format!("LOG_FORMAT: {other:?} is not json or text"));
+                true
+            }
+        };
+        let debug = src.bool("DEBUG", false, errs);
+        let migrate_on_start = src.bool("MIGRATE_ON_START", true, errs);
+        let database_wait = Duration::from_secs(src.parse("DATABASE_WAIT_SECONDS", 30u64, errs));
+        let ms = |name: &str, default: u64, errs: &mut Vec<String>| {
+            Duration::from_millis(src.parse(name, default, errs).max(1))
+        };
+        let health_check_interval = ms("HEALTH_CHECK_INTERVAL_MS", 1000, errs);
+        let catalog_sync_interval = ms("CATALOG_SYNC_INTERVAL_MS", 60_000, errs);
+        let snapshot_reload_interval = ms("SNAPSHOT_RELOAD_INTERVAL_MS", 5_000, errs);
+        let sweeper_interval = ms("SWEEPER_INTERVAL_MS", 10_000, errs);
+        let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
+        let login_attempts_per_minute = src.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10u32, errs);
+
+        if !errs.is_empty() {
+            return None;
+        }
+        Some(Config {
+            host,
+            port,
+            flowise_urls,
+            flowise_api_key,
+            database_url,
+            database_pool_size,
+            jwt_secret: jwt_secret.into_bytes(),
+            jwt_algorithm,
+            jwt_expiration: Duration::from_secs_f64(jwt_hours * 3600.0),
+            refresh_token_lifetime: Duration::from_secs_f64(refresh_days * 86400.0),
+            metrics_addr,
+            cors_allowed_origins,
+            max_body_bytes,
+            upstream_connect_timeout: Duration::from_millis(connect_ms),
+            upstream_read_timeout: Duration::from_millis(read_ms),
+            default_credit_cost,
+            hold_ttl: Duration::from_secs(hold_ttl),
+            log_json,
+            debug,
+            migrate_on_start,
+            database_wait,
+            health_check_interval,
+            catalog_sync_interval,
+            snapshot_reload_interval,
+            sweeper_interval,
+            grace_period,
+            login_attempts_per_minute,
+        })
+    }
+
+    pub fn listen_addr(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Reads only `DATABASE_URL` (env over YAML): enough for the admin CLI.
+pub fn database_url_only(yaml_path: Option<&str>) -> Result<String, String> {
+    if let Ok(v) = std::env::var("DATABASE_URL") {
+        if !v.is_empty() {
+            return Ok(v);
+        }
+    }
+    if let Some(path) = yaml_path {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+        if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text)
+        {
+            if let Some(serde_yaml::Value::String(s)) =
+                m.get(serde_yaml::Value::String("database_url".into()))
+            {
+                return Ok(s.clone());
+            }
+        }
+    }
+    Err("DATABASE_URL is not set".into())
+}
+
+fn parse_flowise_url(raw: &str) -> Result<FlowiseUrl, String> {
+    let url = url::Url::parse(raw).map_err(|_| format!("{raw:?} is not a URL"))?;
+    let tls = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        s => return Err(format!("{raw:?}: scheme {s:?} is not http or https")),
+    };
+    if tls {
+        return Err(format!(
+            "{raw:?}: https upstreams are not supported by this build; put Flowise on a private http address"
+        ));
+    }
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{raw:?} has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = url.port_or_known_default().unwrap_or(80);
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{raw:?}: credentials in the URL are not allowed; use FLOWISE_API_KEY"));
+    }
+    let base_path = url.path().trim_end_matches('/').to_string();
+    Ok(FlowiseUrl {
+        host,
+        port,
+        tls,
+        base_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flowise_urls_parse() {
+        let u = parse_flowise_url("http://localhost:3000").expect("valid");
+        assert_eq!(u.addr(), "localhost:3000");
+        assert_eq!(u.base_path, "");
+        let u = parse_flowise_url("http://10.0.0.1/flowise/").expect("valid");
+        assert_eq!(u.port, 80);
+        assert_eq!(u.base_path, "/flowise");
+        assert_eq!(u.host_header(), "10.0.0.1");
+        assert!(parse_flowise_url("ftp://x").is_err());
+        assert!(parse_flowise_url("not a url").is_err());
+        assert!(parse_flowise_url("http://user:pw@x").is_err());
+    }
+}

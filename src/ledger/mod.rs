@@ -1,0 +1,322 @@
+//! Every credit rule lives here.
+//!
+//! * Price: a chatflow's `credit_cost` per prediction (default
+//!   `DEFAULT_CREDIT_COST`), or, with `credits_per_1k_tokens`, a usage price
+//!   charged up to a hold of `max_hold`.
+//! * Admission: one atomic statement moves the price from available to held
+//!   (or refuses: 402) before Flowise is called.
+//! * Settlement: exactly once per hold, off the response path, through a queue
+//!   that retries until the database has it:
+//!   captured when Flowise answered successfully (also when the client walked
+//!   away after the answer began); voided when Flowise was never reached,
+//!   answered an error status, timed out before answering, or reported an
+//!   `error` event in its stream.
+//! * Expiry: holds never settled (the instance died) are voided by the sweeper
+//!   after `HOLD_TTL_SECONDS`; any number of instances may sweep at once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::store::catalog::ChatflowRow;
+use crate::store::ledger::{self as sql, SettleKind};
+use crate::store::{Db, StoreError};
+use crate::upstream::sse::Observation;
+
+/// The price of one prediction on a chatflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub flat: i64,
+    pub per_1k_tokens: Option<i64>,
+    /// What admission holds.
+    pub hold: i64,
+}
+
+impl Price {
+    pub fn of(chatflow: Option<&ChatflowRow>, default_cost: i64) -> Price {
+        let flat = chatflow.and_then(|c| c.credit_cost).unwrap_or(default_cost).max(0);
+        let per_1k = chatflow.and_then(|c| c.credits_per_1k_tokens);
+        let hold = match per_1k {
+            Some(_) => chatflow.and_then(|c| c.max_hold).unwrap_or(flat.max(1)),
+            None => flat,
+        };
+        Price {
+            flat,
+            per_1k_tokens: per_1k,
+            hold,
+        }
+    }
+
+    /// What a successful prediction costs, given what Flowise reported; never
+    /// more than the hold.
+    pub fn charge(&self, seen: &Observation) -> i64 {
+        let amount = match self.per_1k_tokens {
+            Some(rate) if seen.usage_seen => {
+                let tokens = i64::try_from(seen.total_tokens).unwrap_or(i64::MAX);
+                // Round up: a started thousand is charged.
+                tokens.saturating_mul(rate).saturating_add(999) / 1000
+            }
+            _ => self.flat,
+        };
+        amount.clamp(0, self.hold)
+    }
+}
+
+/// What happened upstream, as the settlement rules need it.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamOutcome {
+    /// Flowise's response status, when a response header arrived.
+    pub status: Option<u16>,
+    pub seen: Observation,
+}
+
+/// The settlement rule: `Some(amount)` to capture, `None` to void.
+pub fn settlement(price: &Price, outcome: &UpstreamOutcome) -> Option<i64> {
+    let status = outcome.status?;
+    if !(200..300).contains(&status) || outcome.seen.error {
+        return None;
+    }
+    Some(price.charge(&outcome.seen))
+}
+
+/// A placed hold, carried in the request context until settlement.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub id: Uuid,
+    pub price: Price,
+    pub available_after: i64,
+}
+
+pub enum Admission {
+    Held(Hold),
+    /// Too little available: 402.
+    Insufficient,
+    /// The price is zero: nothing to hold.
+    Free,
+}
+
+struct Job {
+    hold_id: Uuid,
+    kind: SettleKind,
+    amount: i64,
+    queued_at: Instant,
+}
+
+pub struct Ledger {
+    db: Db,
+    queue: Mutex<VecDeque<Job>>,
+    wake: Notify,
+    depth: AtomicUsize,
+}
+
+impl Ledger {
+    pub fn new(db: Db) -> Arc<Ledger> {
+        Arc::new(Ledger {
+            db,
+            queue: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            depth: AtomicUsize::new(0),
+        })
+    }
+
+    /// Admission: one round trip. A database failure is an error (503), never a pass.
+    pub async fn admit(
+        &self,
+        user_id: i64,
+        chatflow_id: &str,
+        request_id: &str,
+        price: Price,
+    ) -> Result<Admission, StoreError> {
+        if price.hold <= 0 {
+            return Ok(Admission::Free);
+        }
+        let id = Uuid::now_v7();
+        match sql::place_hold(&self.db, id, request_id, user_id, chatflow_id, price.hold).await {
+            Ok(Some(available_after)) => {
+                crate::metrics::CREDITS.with_label_values(&["held"]).inc_by(price.hold as u64);
+                Ok(Admission::Held(Hold {
+                    id,
+                    price,
+                    available_after,
+                }))
+            }
+            Ok(None) => {
+                crate::metrics::HOLDS_REJECTED.inc();
+                Ok(Admission::Insufficient)
+            }
+            Err(e) => {
+                crate::metrics::LEDGER_ERRORS.with_label_values(&["hold"]).inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues the settlement of `hold` (returns at once). Returns what will be
+    /// captured, for the access log.
+    pub fn settle(&self, hold: &Hold, outcome: &UpstreamOutcome) -> i64 {
+        let (kind, amount) = match settlement(&hold.price, outcome) {
+            Some(a) => (SettleKind::Capture, a),
+            None => (SettleKind::Void, 0),
+        };
+        self.queue.lock().push_back(Job {
+            hold_id: hold.id,
+            kind,
+            amount,
+            queued_at: Instant::now(),
+        });
+        let depth = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
+        crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
+        self.wake.notify_one();
+        amount
+    }
+
+    pub fn pending(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Drains the queue in batches, forever. Failed batches stay queued and are
+    /// retried with backoff: a settlement is never dropped.
+    pub async fn run_settler(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.pending() == 0 {
+                self.wake.notified().await;
+            }
+            let batch: Vec<Job> = {
+                let mut q = self.queue.lock();
+                let n = q.len().min(256);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            match self.write_batch(&batch).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    let depth = self.depth.fetch_sub(batch.len(), Ordering::SeqCst) - batch.len();
+                    crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
+                }
+                Err(e) => {
+                    crate::metrics::LEDGER_ERRORS.with_label_values(&["settle"]).inc();
+                    log::warn!("settlement batch of {} failed, will retry: {e}", batch.len());
+                    {
+                        let mut q = self.queue.lock();
+                        for job in batch.into_iter().rev() {
+                            q.push_front(job);
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Writes a batch on one connection, pipelined. Each settlement is its own
+    /// statement, guarded by `state = 'open'`, so a retried batch is harmless.
+    async fn write_batch(&self, batch: &[Job]) -> Result<(), StoreError> {
+        let c = self.db.get().await?;
+        let results = futures::future::join_all(
+            batch.iter().map(|j| sql::settle(&c, j.hold_id, j.kind, j.amount)),
+        )
+        .await;
+        for (job, r) in batch.iter().zip(results) {
+            let kept = r?;
+            let label = match job.kind {
+                SettleKind::Capture => "captured",
+                _ => "voided",
+            };
+            if let Some(kept) = kept {
+                crate::metrics::CREDITS.with_label_values(&[label]).inc_by(kept as u64);
+            }
+            crate::metrics::SETTLEMENT_LAG_SECONDS
+                .with_label_values(&[label])
+                .observe(job.queued_at.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded) until every queued settlement is written.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.pending() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Voids holds older than the TTL; runs on every instance.
+    pub async fn run_sweeper(self: Arc<Self>, ttl: Duration, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match sql::expire_stale(&self.db, ttl.as_secs_f64()).await {
+                Ok((n, credits)) if n > 0 => {
+                    crate::metrics::CREDITS.with_label_values(&["expired"]).inc_by(credits as u64);
+                    log::warn!("sweeper expired {n} stale holds ({credits} credits released)");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    crate::metrics::LEDGER_ERRORS.with_label_values(&["sweep"]).inc();
+                    log::warn!("sweeper failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(cost: Option<i64>, per_1k: Option<i64>, max_hold: Option<i64>) -> ChatflowRow {
+        ChatflowRow {
+            id: "f".into(),
+            name: "f".into(),
+            category: None,
+            deployed: true,
+            deleted: false,
+            credit_cost: cost,
+            credits_per_1k_tokens: per_1k,
+            max_hold,
+        }
+    }
+
+    #[test]
+    fn prices_and_rules() {
+        let p = Price::of(None, 1);
+        assert_eq!((p.flat, p.hold), (1, 1));
+        let ok = UpstreamOutcome {
+            status: Some(200),
+            seen: Observation::default(),
+        };
+        assert_eq!(settlement(&p, &ok), Some(1));
+        assert_eq!(settlement(&p, &UpstreamOutcome::default()), None);
+        let err = UpstreamOutcome {
+            status: Some(500),
+            ..Default::default()
+        };
+        assert_eq!(settlement(&p, &err), None);
+        let mut ev = ok.clone();
+        ev.seen.error = true;
+        assert_eq!(settlement(&p, &ev), None);
+
+        let usage = Price::of(Some(&flow(Some(2), Some(10), Some(50))), 1);
+        assert_eq!(usage.hold, 50);
+        let mut seen = ok.clone();
+        seen.seen.usage_seen = true;
+        seen.seen.total_tokens = 1500;
+        assert_eq!(settlement(&usage, &seen), Some(15));
+        seen.seen.total_tokens = 1_000_000;
+        assert_eq!(settlement(&usage, &seen), Some(50), "capped at the hold");
+        assert_eq!(settlement(&usage, &ok), Some(2), "no usage: flat price");
+    }
+}

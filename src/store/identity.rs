@@ -1,0 +1,390 @@
+//! Users, refresh tokens, API keys, revocations, grants and the audit log.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Db, StoreError, StoreResult};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UserRow {
+    pub id: i64,
+    pub username: String,
+    pub email: Option<String>,
+    pub role: String,
+    pub active: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+const USER_COLS: &str = "id, username, email, role, active, created_at";
+
+fn user_row(r: &tokio_postgres::Row) -> UserRow {
+    UserRow {
+        id: r.get(0),
+        username: r.get(1),
+        email: r.get(2),
+        role: r.get(3),
+        active: r.get(4),
+        created_at: r.get(5),
+    }
+}
+
+/// Creates a user and its (empty) credit account in one transaction.
+pub async fn create_user(
+    db: &Db,
+    username: &str,
+    password_hash: &str,
+    role: &str,
+    email: Option<&str>,
+) -> StoreResult<UserRow> {
+    let mut c = db.get().await?;
+    let tx = c.transaction().await?;
+    let row = tx
+        .query_one(
+            &format!(
+                "INSERT INTO users (username, password_hash, role, email) VALUES ($1, $2, $3, $4) RETURNING {USER_COLS}"
+            ),
+            &[&username, &password_hash, &role, &email],
+        )
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => StoreError::Conflict("username already taken".into()),
+            other => other,
+        })?;
+    let user = user_row(&row);
+    tx.execute("INSERT INTO accounts (user_id) VALUES ($1)", &[&user.id]).await?;
+    tx.commit().await?;
+    Ok(user)
+}
+
+pub async fn list_users(db: &Db, limit: i64, offset: i64) -> StoreResult<Vec<UserRow>> {
+    let c = db.get().await?;
+    let rows = c
+        .query(
+            &format!("SELECT {USER_COLS} FROM users ORDER BY id LIMIT $1 OFFSET $2"),
+            &[&limit, &offset],
+        )
+        .await?;
+    Ok(rows.iter().map(user_row).collect())
+}
+
+pub async fn get_user(db: &Db, id: i64) -> StoreResult<UserRow> {
+    let c = db.get().await?;
+    let row = c
+        .query_opt(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"), &[&id])
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(user_row(&row))
+}
+
+pub async fn find_user_by_name(db: &Db, username: &str) -> StoreResult<Option<UserRow>> {
+    let c = db.get().await?;
+    let row = c
+        .query_opt(&format!("SELECT {USER_COLS} FROM users WHERE username = $1"), &[&username])
+        .await?;
+    Ok(row.as_ref().map(user_row))
+}
+
+/// (user, password hash) for a login attempt.
+pub async fn login_lookup(db: &Db, username: &str) -> StoreResult<Option<(UserRow, String)>> {
+    let c = db.get().await?;
+    let row = c
+        .query_opt(
+            &format!("SELECT {USER_COLS}, password_hash FROM users WHERE username = $1"),
+            &[&username],
+        )
+        .await?;
+    Ok(row.map(|r| (user_row(&r), r.get(6))))
+}
+
+pub async fn update_user(
+    db: &Db,
+    id: i64,
+    role: Option<&str>,
+    active: Option<bool>,
+    email: Option<&str>,
+    password_hash: Option<&str>,
+) -> StoreResult<UserRow> {
+    let c = db.get().await?;
+    let row = c
+        .query_opt(
+            &format!(
+                "UPDATE users SET role = COALESCE($2, role), active = COALESCE($3, active),
+                        email = COALESCE($4, email), password_hash = COALESCE($5, password_hash),
+                        updated_at = now()
+                 WHERE id = $1 RETURNING {USER_COLS}"
+            ),
+            &[&id, &role, &active, &email, &password_hash],
+        )
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(user_row(&row))
+}
+
+/// Stores a new refresh token of `family`.
+pub async fn insert_refresh_token(
+    db: &Db,
+    user_id: i64,
+    token_hash: &[u8],
+    family: Uuid,
+    expires_at: DateTime<Utc>,
+) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.execute(
+        "INSERT INTO refresh_tokens (user_id, token_hash, family, expires_at) VALUES ($1, $2, $3, $4)",
+        &[&user_id, &token_hash, &family, &expires_at],
+    )
+    .await?;
+    Ok(())
+}
+
+pub enum RefreshOutcome {
+    /// The token was current: it is now rotated; issue a new one in this family.
+    Rotated { user_id: i64, family: Uuid },
+    /// The token had already been rotated: the whole family is now revoked.
+    Reused,
+    /// Unknown, expired or revoked.
+    Invalid,
+}
+
+/// Rotates a refresh token in one statement; detects reuse of a rotated one.
+pub async fn rotate_refresh_token(db: &Db, token_hash: &[u8]) -> StoreResult<RefreshOutcome> {
+    let c = db.get().await?;
+    if let Some(r) = c
+        .query_opt(
+            "UPDATE refresh_tokens SET rotated_at = now()
+             WHERE token_hash = $1 AND rotated_at IS NULL AND revoked_at IS NULL AND expires_at > now()
+             RETURNING user_id, family",
+            &[&token_hash],
+        )
+        .await?
+    {
+        return Ok(RefreshOutcome::Rotated {
+            user_id: r.get(0),
+            family: r.get(1),
+        });
+    }
+    let reused = c
+        .query_opt(
+            "SELECT family FROM refresh_tokens WHERE token_hash = $1 AND rotated_at IS NOT NULL",
+            &[&token_hash],
+        )
+        .await?;
+    match reused {
+        Some(r) => {
+            let family: Uuid = r.get(0);
+            c.execute(
+                "UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1 AND revoked_at IS NULL",
+                &[&family],
+            )
+            .await?;
+            Ok(RefreshOutcome::Reused)
+        }
+        None => Ok(RefreshOutcome::Invalid),
+    }
+}
+
+/// Revokes the family of one refresh token, if it belongs to `user_id`.
+pub async fn revoke_refresh_family(db: &Db, user_id: i64, token_hash: &[u8]) -> StoreResult<u64> {
+    let c = db.get().await?;
+    Ok(c.execute(
+        "UPDATE refresh_tokens SET revoked_at = now()
+         WHERE revoked_at IS NULL AND family IN
+           (SELECT family FROM refresh_tokens WHERE token_hash = $1 AND user_id = $2)",
+        &[&token_hash, &user_id],
+    )
+    .await?)
+}
+
+/// Revokes every refresh token of a user and every access token issued so far.
+pub async fn revoke_all_for_user(db: &Db, user_id: i64) -> StoreResult<()> {
+    let mut c = db.get().await?;
+    let tx = c.transaction().await?;
+    tx.execute(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+        &[&user_id],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE users SET tokens_valid_after = now(), updated_at = now() WHERE id = $1",
+        &[&user_id],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn revoke_access_token(db: &Db, jti: Uuid, expires_at: DateTime<Utc>) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.execute(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        &[&jti, &expires_at],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn insert_api_key(
+    db: &Db,
+    user_id: i64,
+    prefix: &str,
+    secret_hash: &[u8],
+    name: Option<&str>,
+) -> StoreResult<(i64, DateTime<Utc>)> {
+    let c = db.get().await?;
+    let r = c
+        .query_one(
+            "INSERT INTO api_keys (user_id, prefix, secret_hash, name) VALUES ($1, $2, $3, $4)
+             RETURNING id, created_at",
+            &[&user_id, &prefix, &secret_hash, &name],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// Revokes a key; returns its owner.
+pub async fn revoke_api_key(db: &Db, key_id: i64) -> StoreResult<i64> {
+    let c = db.get().await?;
+    let r = c
+        .query_opt(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1 RETURNING user_id",
+            &[&key_id],
+        )
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(r.get(0))
+}
+
+pub async fn grant(db: &Db, user_id: i64, chatflow_id: &str) -> StoreResult<bool> {
+    let c = db.get().await?;
+    let n = c
+        .execute(
+            "INSERT INTO grants (user_id, chatflow_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&user_id, &chatflow_id],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+pub async fn revoke_grant(db: &Db, user_id: i64, chatflow_id: &str) -> StoreResult<bool> {
+    let c = db.get().await?;
+    let n = c
+        .execute(
+            "DELETE FROM grants WHERE user_id = $1 AND chatflow_id = $2",
+            &[&user_id, &chatflow_id],
+        )
+        .await?;
+    Ok(n > 0)
+}
+
+pub async fn chatflow_users(db: &Db, chatflow_id: &str) -> StoreResult<Vec<UserRow>> {
+    let c = db.get().await?;
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {} FROM users u JOIN grants g ON g.user_id = u.id WHERE g.chatflow_id = $1 ORDER BY u.id",
+                USER_COLS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
+            ),
+            &[&chatflow_id],
+        )
+        .await?;
+    Ok(rows.iter().map(user_row).collect())
+}
+
+pub async fn audit(
+    db: &Db,
+    actor_id: Option<i64>,
+    action: &str,
+    target: &str,
+    details: &Value,
+    request_id: &str,
+) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.execute(
+        "INSERT INTO audit_log (actor_id, action, target, details, request_id) VALUES ($1, $2, $3, $4, $5)",
+        &[&actor_id, &action, &target, details, &request_id],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn audit_page(db: &Db, limit: i64, offset: i64) -> StoreResult<Vec<Value>> {
+    let c = db.get().await?;
+    let rows = c
+        .query(
+            "SELECT id, at, actor_id, action, target, details, request_id FROM audit_log
+             ORDER BY id DESC LIMIT $1 OFFSET $2",
+            &[&limit, &offset],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let at: DateTime<Utc> = r.get(1);
+            serde_json::json!({
+                "id": r.get::<_, i64>(0), "at": at, "actor_id": r.get::<_, Option<i64>>(2),
+                "action": r.get::<_, String>(3), "target": r.get::<_, Option<String>>(4),
+                "details": r.get::<_, Value>(5), "request_id": r.get::<_, Option<String>>(6),
+            })
+        })
+        .collect())
+}
+
+/// Everything the in-memory identity snapshot holds, read in one transaction.
+pub struct SnapshotRows {
+    pub users: Vec<(i64, String, String, bool, DateTime<Utc>)>,
+    pub api_keys: Vec<(i64, i64, String, Vec<u8>)>,
+    pub revoked: Vec<Uuid>,
+    pub grants: Vec<(i64, String)>,
+    pub chatflows: Vec<super::catalog::ChatflowRow>,
+}
+
+pub async fn load_snapshot(db: &Db) -> StoreResult<SnapshotRows> {
+    let mut c = db.get().await?;
+    let tx = c
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let users = tx
+        .query("SELECT id, username, role, active, tokens_valid_after FROM users", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let api_keys = tx
+        .query("SELECT id, user_id, prefix, secret_hash FROM api_keys WHERE revoked_at IS NULL", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let revoked = tx
+        .query("SELECT jti FROM revoked_tokens WHERE expires_at > now()", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let grants = tx
+        .query("SELECT user_id, chatflow_id FROM grants", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let chatflows = super::catalog::all_in(&tx).await?;
+    tx.commit().await?;
+    Ok(SnapshotRows {
+        users,
+        api_keys,
+        revoked,
+        grants,
+        chatflows,
+    })
+}
+
+/// Forgets revocations of tokens that have expired anyway.
+pub async fn prune_revoked(db: &Db) -> StoreResult<u64> {
+    let c = db.get().await?;
+    Ok(c.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'", &[])
+        .await?)
+}

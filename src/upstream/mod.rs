@@ -1,0 +1,214 @@
+//! Flowise servers: selection (round-robin over the healthy ones, Pingora's load
+//! balancer with an active HTTP health check on `/api/v1/ping`), the request header
+//! policy for everything we send upstream, and the forwarder used for requests
+//! whose body the proxy has already read.
+
+pub mod forward;
+pub mod sse;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use pingora_core::services::background::{background_service, GenBackgroundService};
+use pingora_load_balancing::{health_check::HttpHealthCheck, selection::RoundRobin, LoadBalancer};
+
+pub type HealthService = GenBackgroundService<LoadBalancer<RoundRobin>>;
+
+use crate::config::{Config, FlowiseUrl};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus the
+/// client's credentials, which belong to the proxy and never reach Flowise.
+const STRIP_UPSTREAM: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "authorization",
+    "cookie",
+    "x-api-key",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+/// Headers from Flowise that clients must not see or that describe one hop.
+pub const STRIP_DOWNSTREAM: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "set-cookie",
+    "x-powered-by",
+];
+
+pub struct Upstreams {
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+    /// The health-check service, handed to the server once at start-up.
+    pub health_service: parking_lot::Mutex<Option<HealthService>>,
+    servers: Vec<FlowiseUrl>,
+    by_addr: HashMap<SocketAddr, usize>,
+    api_key: Option<String>,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    pub connector: pingora_core::connectors::http::Connector,
+}
+
+/// The chosen Flowise server for one request.
+pub struct Chosen<'a> {
+    pub peer: HttpPeer,
+    pub server: &'a FlowiseUrl,
+    pub index: usize,
+}
+
+impl Upstreams {
+    pub fn new(cfg: &Config) -> Result<Upstreams, String> {
+        let mut addrs = Vec::new();
+        let mut by_addr = HashMap::new();
+        for (i, s) in cfg.flowise_urls.iter().enumerate() {
+            let resolved: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&s.addr())
+                .map_err(|e| format!("FLOWISE_API_URL: cannot resolve {}: {e}", s.addr()))?
+                .collect();
+            // Prefer IPv4 when a name resolves to both (Flowise listens on 0.0.0.0 by default).
+            let addr = resolved
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(resolved.first())
+                .copied()
+                .ok_or_else(|| format!("FLOWISE_API_URL: {} resolves to nothing", s.addr()))?;
+            by_addr.insert(addr, i);
+            addrs.push(addr.to_string());
+        }
+        let lb = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().map(String::as_str))
+            .map_err(|e| format!("FLOWISE_API_URL: {e}"))?;
+        let first = &cfg.flowise_urls[0];
+        let mut hc = HttpHealthCheck::new(&first.host_header(), false);
+        hc.req = {
+            let path = format!("{}/api/v1/ping", first.base_path);
+            let mut req = RequestHeader::build("GET", path.as_bytes(), None)
+                .map_err(|e| format!("health check request: {e}"))?;
+            req.insert_header("Host", first.host_header())
+                .map_err(|e| format!("health check request: {e}"))?;
+            req
+        };
+        hc.peer_template.options.connection_timeout = Some(Duration::from_millis(1000));
+        hc.peer_template.options.read_timeout = Some(Duration::from_millis(2000));
+        let mut lb = lb;
+        lb.set_health_check(Box::new(hc));
+        lb.health_check_frequency = Some(cfg.health_check_interval);
+        lb.parallel_health_check = true;
+        let service = background_service("flowise health check", lb);
+        Ok(Upstreams {
+            lb: service.task(),
+            health_service: parking_lot::Mutex::new(Some(service)),
+            servers: cfg.flowise_urls.clone(),
+            by_addr,
+            api_key: cfg.flowise_api_key.clone(),
+            connect_timeout: cfg.upstream_connect_timeout,
+            read_timeout: cfg.upstream_read_timeout,
+            connector: pingora_core::connectors::http::Connector::new(None),
+        })
+    }
+
+    /// The next healthy server, round-robin; `None` when every server is down.
+    pub fn select(&self) -> Option<Chosen<'_>> {
+        let backend = self.lb.select(b"", 256)?;
+        let addr = backend.addr.as_inet().copied()?;
+        let index = *self.by_addr.get(&addr)?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.connect_timeout);
+        // Applies to every read: the first byte (Flowise hangs forever on an unknown
+        // chatflow with streaming on) and each later chunk (streams send a heartbeat
+        // every 30 s, so a long stream stays alive).
+        peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.write_timeout = Some(self.connect_timeout.max(Duration::from_secs(30)));
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Some(Chosen {
+            peer,
+            server: &self.servers[index],
+            index,
+        })
+    }
+
+    /// Health of each configured server, in configuration order.
+    pub fn health(&self) -> Vec<bool> {
+        let backends = self.lb.backends().get_backend();
+        let mut out = vec![false; self.servers.len()];
+        for b in backends.iter() {
+            if let Some(addr) = b.addr.as_inet() {
+                if let Some(&i) = self.by_addr.get(addr) {
+                    out[i] = self.lb.backends().ready(b);
+                }
+            }
+        }
+        for (i, h) in out.iter().enumerate() {
+            crate::metrics::UPSTREAM_HEALTHY
+                .with_label_values(&[&i.to_string()])
+                .set(i64::from(*h));
+        }
+        out
+    }
+
+    /// Applies the upstream header policy to a request about to go to `server`:
+    /// hop-by-hop headers and the client's credentials removed, the Flowise key
+    /// injected, forwarding headers and the request id set, the path prefixed with
+    /// the server's base path.
+    pub fn prepare_request(
+        &self,
+        req: &mut RequestHeader,
+        server: &FlowiseUrl,
+        meta: &ForwardMeta<'_>,
+    ) -> pingora_core::Result<()> {
+        // Headers named in `Connection` are hop-by-hop too.
+        let listed: Vec<String> = req
+            .headers
+            .get_all("connection")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for name in STRIP_UPSTREAM.iter().map(|s| s.to_string()).chain(listed) {
+            req.remove_header(name.as_str());
+        }
+        req.insert_header("Host", server.host_header())?;
+        if let Some(key) = &self.api_key {
+            req.insert_header("Authorization", format!("Bearer {key}"))?;
+        }
+        req.insert_header("X-Request-Id", meta.request_id)?;
+        if let Some(ip) = &meta.client_ip {
+            req.insert_header("X-Forwarded-For", ip.as_str())?;
+        }
+        req.insert_header("X-Forwarded-Proto", "http")?;
+        if !server.base_path.is_empty() {
+            let pq = req
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            let uri: http::Uri = format!("{}{}", server.base_path, pq)
+                .parse()
+                .map_err(|_| pingora_core::Error::new_str("bad upstream path"))?;
+            req.set_uri(uri);
+        }
+        Ok(())
+    }
+}
+
+pub struct ForwardMeta<'a> {
+    pub request_id: &'a str,
+    pub client_ip: Option<String>,
+}

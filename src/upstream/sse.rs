@@ -1,0 +1,155 @@
+//! Observes what Flowise says, without changing a byte of it: token usage, the
+//! conversation id Flowise assigned, and whether the prediction failed.
+//!
+//! Flowise's event stream frames every event as `message:\ndata:{"event":E,"data":D}\n\n`
+//! (a literal `message:` line, not `event:`). Failures arrive as an `error` event
+//! inside a 200 stream; token accounting as `usageMetadata` events, one per LLM node.
+
+use serde_json::Value;
+
+/// Longest event line we are willing to buffer while waiting for its newline.
+/// Longer lines are passed through unobserved.
+const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Default, Clone)]
+pub struct Observation {
+    /// Saw the start of an answer (any event other than an error).
+    pub answered: bool,
+    /// Flowise reported a failure (`error` event, or an error JSON body).
+    pub error: bool,
+    /// Saw the `end` event.
+    pub ended: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub usage_seen: bool,
+    /// The conversation id (`sessionId`, else `chatId`) Flowise used.
+    pub session_id: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct StreamObserver {
+    line: Vec<u8>,
+    overflow: bool,
+    pub seen: Observation,
+}
+
+impl StreamObserver {
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            if b == b'\n' {
+                if !self.overflow {
+                    let line = std::mem::take(&mut self.line);
+                    self.on_line(&line);
+                } else {
+                    self.line.clear();
+                }
+                self.overflow = false;
+            } else if self.line.len() < MAX_LINE {
+                self.line.push(b);
+            } else {
+                self.overflow = true;
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
+            return;
+        };
+        let event = v.get("event").and_then(Value::as_str).unwrap_or("");
+        let payload = v.get("data").unwrap_or(&Value::Null);
+        match event {
+            "error" => self.seen.error = true,
+            "end" => self.seen.ended = true,
+            "usageMetadata" => self.seen.add_usage(payload),
+            "metadata" => {
+                self.seen.answered = true;
+                self.seen.learn_session(payload);
+            }
+            _ => self.seen.answered = true,
+        }
+    }
+}
+
+impl Observation {
+    fn add_usage(&mut self, u: &Value) {
+        let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (i, o) = (get("input_tokens"), get("output_tokens"));
+        let t = u.get("total_tokens").and_then(Value::as_u64).unwrap_or(i + o);
+        self.input_tokens = self.input_tokens.saturating_add(i);
+        self.output_tokens = self.output_tokens.saturating_add(o);
+        self.total_tokens = self.total_tokens.saturating_add(t);
+        self.usage_seen = true;
+    }
+
+    fn learn_session(&mut self, v: &Value) {
+        let id = v
+            .get("sessionId")
+            .and_then(Value::as_str)
+            .or_else(|| v.get("chatId").and_then(Value::as_str));
+        if let Some(id) = id.filter(|s| !s.is_empty() && s.len() <= 200) {
+            self.session_id = Some(id.to_string());
+        }
+    }
+
+    /// Observes a complete JSON answer (non-streaming prediction).
+    pub fn from_json_body(status: u16, body: &[u8]) -> Observation {
+        let mut o = Observation::default();
+        let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            o.answered = true;
+            o.ended = true;
+            o.learn_session(&v);
+            if let Some(u) = v.get("usageMetadata") {
+                o.add_usage(u);
+            }
+        } else {
+            o.error = true;
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPTURE: &str = "message:\ndata:{\"event\":\"start\",\"data\":\"\"}\n\nmessage:\ndata:{\"event\":\"token\",\"data\":\"MOCK \"}\n\nmessage:\ndata:{\"event\":\"usageMetadata\",\"data\":{\"input_tokens\":10,\"output_tokens\":5,\"total_tokens\":15}}\n\nmessage:\ndata:{\"event\":\"metadata\",\"data\":{\"chatId\":\"c1\",\"sessionId\":\"s1\"}}\n\nmessage:\ndata:{\"event\":\"end\",\"data\":\"[DONE]\"}\n\n";
+
+    #[test]
+    fn observes_capture_split_anywhere() {
+        for split in [1usize, 3, 7, 50, CAPTURE.len()] {
+            let mut o = StreamObserver::default();
+            for chunk in CAPTURE.as_bytes().chunks(split) {
+                o.feed(chunk);
+            }
+            assert!(o.seen.answered && o.seen.ended && !o.seen.error);
+            assert_eq!(o.seen.total_tokens, 15);
+            assert_eq!(o.seen.session_id.as_deref(), Some("s1"));
+        }
+    }
+
+    #[test]
+    fn error_event_is_a_failure() {
+        let mut o = StreamObserver::default();
+        o.feed(b":heartbeat\n\nmessage:\ndata:{\"event\":\"error\",\"data\":\"Error: x\"}\n\nmessage:\ndata:{\"event\":\"end\",\"data\":\"[DONE]\"}\n\n");
+        assert!(o.seen.error);
+        assert!(!o.seen.answered);
+    }
+
+    #[test]
+    fn json_answer_gives_session_and_usage() {
+        let o = Observation::from_json_body(
+            200,
+            br#"{"text":"x","chatId":"a","sessionId":"a","usageMetadata":{"input_tokens":1,"output_tokens":2}}"#,
+        );
+        assert_eq!(o.session_id.as_deref(), Some("a"));
+        assert_eq!(o.total_tokens, 3);
+        assert!(Observation::from_json_body(500, b"{}").error);
+    }
+}
