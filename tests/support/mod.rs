@@ -12,6 +12,7 @@
 pub mod flowise;
 pub mod pg;
 pub mod proxy;
+pub mod setup;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
