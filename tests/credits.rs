@@ -1,0 +1,271 @@
+//! Credits: holds that can never overspend, exactly-once settlement, expiry.
+
+mod support;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use support::flowise::{Fail, PEER_TEST_CHATFLOW_ID as FLOW};
+use support::setup::World;
+
+fn predict_url(base: &str) -> String {
+    format!("{base}/api/v1/prediction/{FLOW}")
+}
+
+async fn predict(w: &World, token: &str, body: Value) -> reqwest::Response {
+    w.http
+        .post(predict_url(&w.proxy.base_url))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("send")
+}
+
+async fn burst(urls: Vec<String>, token: &str, n: usize) -> (usize, usize) {
+    let http = support::proxy::client();
+    let futs = (0..n).map(|i| {
+        let http = http.clone();
+        let url = urls[i % urls.len()].clone();
+        let token = token.to_string();
+        async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&json!({"question": "hi"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    });
+    let statuses = futures::future::join_all(futs).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let short = statuses.iter().filter(|s| **s == 402).count();
+    (ok, short)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_predictions_on_ten_credits() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("burst", 10, FLOW).await;
+    let (ok, short) = burst(vec![predict_url(&w.proxy.base_url)], &token, 50).await;
+    assert_eq!((ok, short), (10, 40));
+    assert_eq!(w.flowise.prediction_count(), 10, "only paid requests reach Flowise");
+    assert_eq!(w.wait_settled(uid).await, (0, 0));
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_predictions_split_over_two_instances() {
+    let w = World::start().await;
+    let second = support::proxy::start(
+        support::proxy::ProxyOptions::new(w.db.url.clone(), w.flowise.url.clone())
+            .env("JWT_SECRET_KEY", w.proxy.jwt_secret.clone()),
+    )
+    .await;
+    let (uid, token) = w.user_with("burst2", 10, FLOW).await;
+    let (ok, short) = burst(
+        vec![predict_url(&w.proxy.base_url), predict_url(&second.base_url)],
+        &token,
+        50,
+    )
+    .await;
+    assert_eq!((ok, short), (10, 40));
+    assert_eq!(w.flowise.prediction_count(), 10);
+    assert_eq!(w.wait_settled(uid).await, (0, 0));
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_never_charged() {
+    let w = World::start_with(|o| o.env("UPSTREAM_READ_TIMEOUT_MS", "1500")).await;
+    let (uid, token) = w.user_with("unlucky", 5, FLOW).await;
+    w.flowise.set_fail(Fail::Status500);
+    let r = predict(&w, &token, json!({"question": "hi"})).await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.headers()["x-credits-charged"], "0");
+    w.flowise.set_fail(Fail::ErrorEvent);
+    let r = predict(&w, &token, json!({"question": "hi", "streaming": true})).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.expect("text").contains("\"event\":\"error\""));
+    w.flowise.set_fail(Fail::Hang);
+    let r = predict(&w, &token, json!({"question": "hi", "streaming": true})).await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(w.wait_settled(uid).await, (5, 0), "nothing charged");
+    let n: i64 = w
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM ledger WHERE user_id = $1 AND kind = 'void'", &[&uid])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 3, "each failed prediction voided once");
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successes_are_charged_once() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("payer", 10, FLOW).await;
+    let r = predict(&w, &token, json!({"question": "hi"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credits-charged"], "1");
+    assert_eq!(r.headers()["x-credits-remaining"], "9");
+    let r = predict(&w, &token, json!({"question": "stream me", "streaming": true})).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.expect("text").contains("\"event\":\"end\""));
+    // A client that walks away after the first token is charged too.
+    w.flowise.set_token_delay(Duration::from_millis(300));
+    let r = support::proxy::streaming_client()
+        .post(predict_url(&w.proxy.base_url))
+        .bearer_auth(&token)
+        .json(&json!({"question": "a b c d e", "streaming": true}))
+        .send()
+        .await
+        .expect("send");
+    let mut s = r.bytes_stream();
+    s.next().await.expect("first").expect("chunk");
+    drop(s);
+    assert!(
+        support::wait_until(Duration::from_secs(20), || async { w.balance(uid).await == (7, 0) }).await,
+        "balance {:?}",
+        w.balance(uid).await
+    );
+    // Seed route, same rules.
+    let r = w
+        .http
+        .post(w.url("/chat/predict"))
+        .bearer_auth(&token)
+        .json(&json!({"chatflow_id": FLOW, "question": "seed"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["text"], "MOCK ANSWER: seed");
+    let credits: Value = w
+        .http
+        .get(w.url("/chat/credits"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(credits["credits"].as_i64().unwrap_or(-1) + credits["held"].as_i64().unwrap_or(-1), 6);
+    assert_eq!(w.wait_settled(uid).await, (6, 0));
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_priced_chatflows_charge_tokens_up_to_the_hold() {
+    let w = World::start().await;
+    w.add_user("boss", "admin", 0);
+    let admin = w.login("boss").await;
+    let r = w
+        .http
+        .patch(w.url(&format!("/admin/chatflows/{FLOW}")))
+        .bearer_auth(&admin)
+        .json(&json!({"credit_cost": 1, "credits_per_1k_tokens": 10, "max_hold": 20}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let (uid, token) = w.user_with("meter", 100, FLOW).await;
+    // Wait for the price to reach the snapshot: the list shows it.
+    assert!(
+        support::wait_until(Duration::from_secs(5), || async {
+            let v: Value = w.http.get(w.url("/chatflows/")).bearer_auth(&token).send().await.expect("s").json().await.expect("j");
+            v[0]["credits_per_1k_tokens"] == 10
+        })
+        .await
+    );
+    w.flowise.set_usage(Some((1000, 500)));
+    let r = predict(&w, &token, json!({"question": "hi", "streaming": true})).await;
+    r.text().await.expect("text");
+    assert_eq!(w.wait_settled(uid).await, (85, 0), "1500 tokens at 10/1k = 15");
+    w.flowise.set_usage(Some((100_000, 0)));
+    let r = predict(&w, &token, json!({"question": "hi"})).await;
+    assert_eq!(r.headers()["x-credits-charged"], "20", "capped at max_hold");
+    assert_eq!(w.wait_settled(uid).await, (65, 0));
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_top_ups_are_idempotent() {
+    let w = World::start().await;
+    w.add_user("ops", "admin", 0);
+    let admin = w.login("ops").await;
+    let uid = w.add_user("frank", "user", 0);
+    for _ in 0..2 {
+        let r = w
+            .http
+            .post(w.url(&format!("/admin/users/{uid}/credits")))
+            .bearer_auth(&admin)
+            .json(&json!({"amount": 25, "reason": "welcome", "idempotency_key": "k-1"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(w.balance(uid).await, (25, 0));
+    let r = w
+        .http
+        .post(w.url(&format!("/admin/users/{uid}/credits")))
+        .bearer_auth(&admin)
+        .json(&json!({"amount": -100, "reason": "too much", "idempotency_key": "k-2"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 409, "a balance never goes below zero");
+    let ledger: Value = w
+        .http
+        .get(w.url(&format!("/admin/users/{uid}/ledger")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ledger["entries"].as_array().map(Vec::len), Some(1));
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_leaves_no_stranded_credits() {
+    let w = World::start_with(|o| o.env("HOLD_TTL_SECONDS", "2").env("SWEEPER_INTERVAL_MS", "300")).await;
+    let (uid, token) = w.user_with("crash", 5, FLOW).await;
+    let victim = support::proxy::start(
+        support::proxy::ProxyOptions::new(w.db.url.clone(), w.flowise.url.clone())
+            .env("JWT_SECRET_KEY", w.proxy.jwt_secret.clone())
+            .env("SWEEPER_INTERVAL_MS", "600000"),
+    )
+    .await;
+    w.flowise.set_token_delay(Duration::from_millis(500));
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let r = support::proxy::streaming_client()
+            .post(predict_url(&victim.base_url))
+            .bearer_auth(&token)
+            .json(&json!({"question": "long answer here", "streaming": true}))
+            .send()
+            .await
+            .expect("send");
+        let mut s = r.bytes_stream();
+        s.next().await.expect("first").expect("chunk");
+        streams.push(s);
+    }
+    assert_eq!(w.balance(uid).await, (2, 3));
+    victim.kill9();
+    drop(streams);
+    assert!(
+        support::wait_until(Duration::from_secs(20), || async { w.balance(uid).await == (5, 0) }).await,
+        "holds of the dead instance were not voided: {:?}",
+        w.balance(uid).await
+    );
+    w.assert_books_balance().await;
+}
