@@ -11,7 +11,11 @@ use crate::config::{self, Config};
 use crate::store;
 
 #[derive(Parser)]
-#[command(name = "flowise-proxy", version, about = "Edge proxy for Flowise: login, grants, credits, metrics")]
+#[command(
+    name = "flowise-proxy",
+    version,
+    about = "Edge proxy for Flowise: login, grants, credits, metrics"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -39,7 +43,10 @@ enum Command {
         cmd: CreditsCmd,
     },
     /// Grant a chatflow to a user.
-    Grant { username: String, chatflow_id: String },
+    Grant {
+        username: String,
+        chatflow_id: String,
+    },
     /// Manage API keys.
     Apikey {
         #[command(subcommand)]
@@ -120,13 +127,21 @@ fn merge(outer: Opt, inner: Opt) -> Opt {
 
 fn init_logging(json: bool, debug: bool) {
     // DEBUG only raises log verbosity; clients never see more either way.
-    let default = if debug { "info,flowise_proxy=debug" } else { "warn,flowise_proxy=info" };
+    let default = if debug {
+        "info,flowise_proxy=debug"
+    } else {
+        "warn,flowise_proxy=info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 fn serve(opt: Opt) -> i32 {
@@ -158,7 +173,10 @@ fn admin(cmd: Command, conf: Option<&str>) -> i32 {
             return 2;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flowise-proxy: {e}");
@@ -177,7 +195,14 @@ fn admin(cmd: Command, conf: Option<&str>) -> i32 {
 async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, String> {
     if let Command::Migrate = cmd {
         let applied = store::migrate(url).await?;
-        println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".into() } else { applied.join(", ") });
+        println!(
+            "migrations applied: {}",
+            if applied.is_empty() {
+                "none (up to date)".into()
+            } else {
+                applied.join(", ")
+            }
+        );
         return Ok(0);
     }
     store::migrate(url).await?;
@@ -194,7 +219,15 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
     };
     match cmd {
         Command::Migrate | Command::Serve { .. } => Ok(0),
-        Command::User { cmd: UserCmd::Add { username, role, credits, email } } => {
+        Command::User {
+            cmd:
+                UserCmd::Add {
+                    username,
+                    role,
+                    credits,
+                    email,
+                },
+        } => {
             if role != "admin" && role != "user" {
                 return Err("--role must be admin or user".into());
             }
@@ -207,9 +240,17 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                 .await
                 .map_err(|e| e.to_string())?;
             if let Some(n) = credits.filter(|n| *n != 0) {
-                store::ledger::adjust(&db, u.id, n, if n > 0 { "grant" } else { "adjust" }, "initial credits", None, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                store::ledger::adjust(
+                    &db,
+                    u.id,
+                    n,
+                    if n > 0 { "grant" } else { "adjust" },
+                    "initial credits",
+                    None,
+                    None,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
             }
             println!("created user {} (id {}, role {})", u.username, u.id, u.role);
             if generated {
@@ -218,51 +259,110 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
             Ok(0)
         }
         Command::User { cmd: UserCmd::List } => {
-            for u in store::identity::list_users(&db, 500, 0).await.map_err(|e| e.to_string())? {
-                let (avail, held) = store::ledger::balance(&db, u.id).await.map_err(|e| e.to_string())?.unwrap_or((0, 0));
-                println!("{}\t{}\t{}\t{}\tcredits={avail}\theld={held}", u.id, u.username, u.role, if u.active { "active" } else { "inactive" });
-            }
-            Ok(0)
-        }
-        Command::Credits { cmd: CreditsCmd::Grant { username, amount, reason, idempotency_key } } => {
-            let id = user_id(username).await?;
-            let kind = if amount > 0 { "grant" } else { "adjust" };
-            match store::ledger::adjust(&db, id, amount, kind, &reason, idempotency_key.as_deref(), None)
+            for u in store::identity::list_users(&db, 500, 0)
                 .await
                 .map_err(|e| e.to_string())?
             {
-                store::ledger::Adjusted::Applied { available } => println!("credits now {available}"),
-                store::ledger::Adjusted::Replayed { available } => println!("already applied; credits {available}"),
+                let (avail, held) = store::ledger::balance(&db, u.id)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or((0, 0));
+                println!(
+                    "{}\t{}\t{}\t{}\tcredits={avail}\theld={held}",
+                    u.id,
+                    u.username,
+                    u.role,
+                    if u.active { "active" } else { "inactive" }
+                );
             }
             Ok(0)
         }
-        Command::Grant { username, chatflow_id } => {
+        Command::Credits {
+            cmd:
+                CreditsCmd::Grant {
+                    username,
+                    amount,
+                    reason,
+                    idempotency_key,
+                },
+        } => {
+            let id = user_id(username).await?;
+            let kind = if amount > 0 { "grant" } else { "adjust" };
+            match store::ledger::adjust(
+                &db,
+                id,
+                amount,
+                kind,
+                &reason,
+                idempotency_key.as_deref(),
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            {
+                store::ledger::Adjusted::Applied { available } => {
+                    println!("credits now {available}")
+                }
+                store::ledger::Adjusted::Replayed { available } => {
+                    println!("already applied; credits {available}")
+                }
+            }
+            Ok(0)
+        }
+        Command::Grant {
+            username,
+            chatflow_id,
+        } => {
             let id = user_id(username).await?;
             let c = store::connect(url).await.map_err(|e| e.to_string())?;
             // The catalogue may not have synced yet: make sure the row exists.
-            c.execute("INSERT INTO chatflows (id) VALUES ($1) ON CONFLICT DO NOTHING", &[&chatflow_id])
+            c.execute(
+                "INSERT INTO chatflows (id) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&chatflow_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            store::identity::grant(&db, id, &chatflow_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            store::identity::grant(&db, id, &chatflow_id).await.map_err(|e| e.to_string())?;
             println!("granted {chatflow_id} to user {id}");
             Ok(0)
         }
-        Command::Apikey { cmd: ApikeyCmd::Create { username, name } } => {
+        Command::Apikey {
+            cmd: ApikeyCmd::Create { username, name },
+        } => {
             let id = user_id(username).await?;
             let k = password::new_api_key();
-            let (key_id, _) = store::identity::insert_api_key(&db, id, &k.prefix, &k.secret_hash, name.as_deref())
-                .await
-                .map_err(|e| e.to_string())?;
+            let (key_id, _) = store::identity::insert_api_key(
+                &db,
+                id,
+                &k.prefix,
+                &k.secret_hash,
+                name.as_deref(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             println!("api key {key_id} (shown once): {}", k.token);
             Ok(0)
         }
-        Command::Ledger { cmd: LedgerCmd::Verify } => {
-            let ttl = Config::load(conf).map(|c| c.hold_ttl.as_secs_f64()).unwrap_or_else(|_| {
-                std::env::var("HOLD_TTL_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(900.0)
-            });
-            let problems = store::ledger::verify(&db, ttl).await.map_err(|e| e.to_string())?;
+        Command::Ledger {
+            cmd: LedgerCmd::Verify,
+        } => {
+            let ttl = Config::load(conf)
+                .map(|c| c.hold_ttl.as_secs_f64())
+                .unwrap_or_else(|_| {
+                    std::env::var("HOLD_TTL_SECONDS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(900.0)
+                });
+            let problems = store::ledger::verify(&db, ttl)
+                .await
+                .map_err(|e| e.to_string())?;
             if problems.is_empty() {
-                println!("ledger ok: every balance equals the sum of its ledger rows; no orphaned holds");
+                println!(
+                    "ledger ok: every balance equals the sum of its ledger rows; no orphaned holds"
+                );
                 Ok(0)
             } else {
                 for p in &problems {
@@ -280,7 +380,10 @@ fn read_password() -> Result<(String, bool), String> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         let mut line = String::new();
-        stdin.lock().read_line(&mut line).map_err(|e| e.to_string())?;
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         let pw = line.trim_end_matches(['\r', '\n']).to_string();
         if !pw.is_empty() {
             return Ok((pw, false));

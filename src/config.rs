@@ -162,7 +162,11 @@ impl Config {
             .get("FLOWISE_API_URL")
             .unwrap_or_else(|| "http://localhost:3000".into());
         let mut flowise_urls = Vec::new();
-        for part in flowise_raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for part in flowise_raw
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             match parse_flowise_url(part) {
                 Ok(u) => flowise_urls.push(u),
                 Err(e) => errs.push(format!("FLOWISE_API_URL: {e}")),
@@ -215,7 +219,9 @@ impl Config {
             "HS384" => Algorithm::HS384,
             "HS512" => Algorithm::HS512,
             other => {
-                errs.push(format!("JWT_ALGORITHM: {other:?} is not one of HS256, HS384, HS512"));
+                errs.push(format!(
+                    "JWT_ALGORITHM: {other:?} is not one of HS256, HS384, HS512"
+                ));
                 Algorithm::HS256
             }
         };
@@ -228,7 +234,9 @@ impl Config {
             errs.push("REFRESH_TOKEN_DAYS: must be positive".into());
         }
 
-        let metrics_raw = src.get("METRICS_ADDR").unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_raw = src
+            .get("METRICS_ADDR")
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_addr = if metrics_raw.trim().is_empty() {
             None
         } else {
@@ -371,7 +379,9 @@ fn parse_flowise_url(raw: &str) -> Result<FlowiseUrl, String> {
         .to_string();
     let port = url.port_or_known_default().unwrap_or(80);
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(format!("{raw:?}: credentials in the URL are not allowed; use FLOWISE_API_KEY"));
+        return Err(format!(
+            "{raw:?}: credentials in the URL are not allowed; use FLOWISE_API_KEY"
+        ));
     }
     let base_path = url.path().trim_end_matches('/').to_string();
     Ok(FlowiseUrl {

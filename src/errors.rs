@@ -41,7 +41,11 @@ impl ApiError {
         Self::new(401, "invalid_credentials", "Invalid username or password")
     }
     pub fn insufficient_credits() -> Self {
-        Self::new(402, "insufficient_credits", "Not enough credits for this request")
+        Self::new(
+            402,
+            "insufficient_credits",
+            "Not enough credits for this request",
+        )
     }
     pub fn forbidden() -> Self {
         Self::new(403, "forbidden", "You do not have access to this resource")

@@ -59,7 +59,10 @@ pub fn run(opt: Opt, cfg: Config) -> Result<(), String> {
     if let Some(health) = app.upstreams.health_service.lock().take() {
         server.add_service(health);
     }
-    server.add_service(background_service("maintenance", Maintenance { app: app.clone() }));
+    server.add_service(background_service(
+        "maintenance",
+        Maintenance { app: app.clone() },
+    ));
 
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainingSignals { app: app.clone() }),
@@ -127,10 +130,18 @@ impl BackgroundService for Maintenance {
         if let Err(e) = snapshot.reload(&app.db, "startup").await {
             log::warn!("initial identity snapshot failed: {e}");
         }
-        tokio::spawn(snapshot.clone().run_reloader(app.db.clone(), app.cfg.snapshot_reload_interval));
+        tokio::spawn(
+            snapshot
+                .clone()
+                .run_reloader(app.db.clone(), app.cfg.snapshot_reload_interval),
+        );
         tokio::spawn(snapshot.run_listener(app.cfg.database_url.clone()));
         tokio::spawn(app.ledger.clone().run_settler());
-        tokio::spawn(app.ledger.clone().run_sweeper(app.cfg.hold_ttl, app.cfg.sweeper_interval));
+        tokio::spawn(
+            app.ledger
+                .clone()
+                .run_sweeper(app.cfg.hold_ttl, app.cfg.sweeper_interval),
+        );
         let sync_app = app.clone();
         tokio::spawn(async move {
             loop {
@@ -207,7 +218,10 @@ async fn wait_idle(app: &App, limit: Duration) {
 /// period. Runs on its own thread: Pingora's main thread is asleep by then.
 fn spawn_exit_when_idle(app: Arc<App>, limit: Duration) {
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async {

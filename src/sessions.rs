@@ -22,7 +22,9 @@ pub struct SessionBindings {
 pub fn valid_session_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b))
 }
 
 impl SessionBindings {
@@ -39,7 +41,13 @@ impl SessionBindings {
     }
 
     /// Claims `id` for the caller (binding it if new). `false` when another user owns it.
-    pub async fn claim(&self, db: &Db, id: &str, user_id: i64, chatflow_id: &str) -> Result<bool, StoreError> {
+    pub async fn claim(
+        &self,
+        db: &Db,
+        id: &str,
+        user_id: i64,
+        chatflow_id: &str,
+    ) -> Result<bool, StoreError> {
         if let Some((owner, _)) = self.owners.lock().get(id) {
             return Ok(*owner == user_id);
         }
@@ -50,7 +58,12 @@ impl SessionBindings {
     }
 
     /// The chatflow of `id` when the caller owns it; `None` when unknown or not theirs.
-    pub async fn owned(&self, db: &Db, id: &str, user_id: i64) -> Result<Option<String>, StoreError> {
+    pub async fn owned(
+        &self,
+        db: &Db,
+        id: &str,
+        user_id: i64,
+    ) -> Result<Option<String>, StoreError> {
         let cached = self.owners.lock().get(id).cloned();
         let owner = match cached {
             Some(o) => Some(o),

@@ -51,7 +51,11 @@ async fn fifty_concurrent_predictions_on_ten_credits() {
     let (uid, token) = w.user_with("burst", 10, FLOW).await;
     let (ok, short) = burst(vec![predict_url(&w.proxy.base_url)], &token, 50).await;
     assert_eq!((ok, short), (10, 40));
-    assert_eq!(w.flowise.prediction_count(), 10, "only paid requests reach Flowise");
+    assert_eq!(
+        w.flowise.prediction_count(),
+        10,
+        "only paid requests reach Flowise"
+    );
     assert_eq!(w.wait_settled(uid).await, (0, 0));
     w.assert_books_balance().await;
 }
@@ -66,7 +70,10 @@ async fn fifty_concurrent_predictions_split_over_two_instances() {
     .await;
     let (uid, token) = w.user_with("burst2", 10, FLOW).await;
     let (ok, short) = burst(
-        vec![predict_url(&w.proxy.base_url), predict_url(&second.base_url)],
+        vec![
+            predict_url(&w.proxy.base_url),
+            predict_url(&second.base_url),
+        ],
         &token,
         50,
     )
@@ -88,19 +95,25 @@ async fn failures_are_never_charged() {
     w.flowise.set_fail(Fail::ErrorEvent);
     let r = predict(&w, &token, json!({"question": "hi", "streaming": true})).await;
     assert_eq!(r.status(), 200);
-    assert!(r.text().await.expect("text").contains("\"event\":\"error\""));
+    assert!(r
+        .text()
+        .await
+        .expect("text")
+        .contains("\"event\":\"error\""));
     w.flowise.set_fail(Fail::Hang);
     let r = predict(&w, &token, json!({"question": "hi", "streaming": true})).await;
     assert_eq!(r.status(), 504);
     assert_eq!(w.wait_settled(uid).await, (5, 0), "nothing charged");
-    let n: i64 = w
-        .db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM ledger WHERE user_id = $1 AND kind = 'void'", &[&uid])
-        .await
-        .expect("count")
-        .get(0);
+    let n: i64 =
+        w.db.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM ledger WHERE user_id = $1 AND kind = 'void'",
+                &[&uid],
+            )
+            .await
+            .expect("count")
+            .get(0);
     assert_eq!(n, 3, "each failed prediction voided once");
     w.assert_books_balance().await;
 }
@@ -113,7 +126,12 @@ async fn successes_are_charged_once() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-credits-charged"], "1");
     assert_eq!(r.headers()["x-credits-remaining"], "9");
-    let r = predict(&w, &token, json!({"question": "stream me", "streaming": true})).await;
+    let r = predict(
+        &w,
+        &token,
+        json!({"question": "stream me", "streaming": true}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.expect("text").contains("\"event\":\"end\""));
     // A client that walks away after the first token is charged too.
@@ -129,7 +147,10 @@ async fn successes_are_charged_once() {
     s.next().await.expect("first").expect("chunk");
     drop(s);
     assert!(
-        support::wait_until(Duration::from_secs(20), || async { w.balance(uid).await == (7, 0) }).await,
+        support::wait_until(Duration::from_secs(20), || async {
+            w.balance(uid).await == (7, 0)
+        })
+        .await,
         "balance {:?}",
         w.balance(uid).await
     );
@@ -155,7 +176,10 @@ async fn successes_are_charged_once() {
         .json()
         .await
         .expect("json");
-    assert_eq!(credits["credits"].as_i64().unwrap_or(-1) + credits["held"].as_i64().unwrap_or(-1), 6);
+    assert_eq!(
+        credits["credits"].as_i64().unwrap_or(-1) + credits["held"].as_i64().unwrap_or(-1),
+        6
+    );
     assert_eq!(w.wait_settled(uid).await, (6, 0));
     w.assert_books_balance().await;
 }
@@ -178,7 +202,16 @@ async fn usage_priced_chatflows_charge_tokens_up_to_the_hold() {
     // Wait for the price to reach the snapshot: the list shows it.
     assert!(
         support::wait_until(Duration::from_secs(5), || async {
-            let v: Value = w.http.get(w.url("/chatflows/")).bearer_auth(&token).send().await.expect("s").json().await.expect("j");
+            let v: Value = w
+                .http
+                .get(w.url("/chatflows/"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("s")
+                .json()
+                .await
+                .expect("j");
             v[0]["credits_per_1k_tokens"] == 10
         })
         .await
@@ -186,7 +219,11 @@ async fn usage_priced_chatflows_charge_tokens_up_to_the_hold() {
     w.flowise.set_usage(Some((1000, 500)));
     let r = predict(&w, &token, json!({"question": "hi", "streaming": true})).await;
     r.text().await.expect("text");
-    assert_eq!(w.wait_settled(uid).await, (85, 0), "1500 tokens at 10/1k = 15");
+    assert_eq!(
+        w.wait_settled(uid).await,
+        (85, 0),
+        "1500 tokens at 10/1k = 15"
+    );
     w.flowise.set_usage(Some((100_000, 0)));
     let r = predict(&w, &token, json!({"question": "hi"})).await;
     assert_eq!(r.headers()["x-credits-charged"], "20", "capped at max_hold");
@@ -237,7 +274,11 @@ async fn admin_top_ups_are_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_leaves_no_stranded_credits() {
-    let w = World::start_with(|o| o.env("HOLD_TTL_SECONDS", "2").env("SWEEPER_INTERVAL_MS", "300")).await;
+    let w = World::start_with(|o| {
+        o.env("HOLD_TTL_SECONDS", "2")
+            .env("SWEEPER_INTERVAL_MS", "300")
+    })
+    .await;
     let (uid, token) = w.user_with("crash", 5, FLOW).await;
     let victim = support::proxy::start(
         support::proxy::ProxyOptions::new(w.db.url.clone(), w.flowise.url.clone())
@@ -263,7 +304,10 @@ async fn a_killed_instance_leaves_no_stranded_credits() {
     victim.kill9();
     drop(streams);
     assert!(
-        support::wait_until(Duration::from_secs(20), || async { w.balance(uid).await == (5, 0) }).await,
+        support::wait_until(Duration::from_secs(20), || async {
+            w.balance(uid).await == (5, 0)
+        })
+        .await,
         "holds of the dead instance were not voided: {:?}",
         w.balance(uid).await
     );

@@ -23,10 +23,19 @@ async fn root_info_and_request_id() {
     assert_eq!(v["service"], "flowise-proxy");
     assert_eq!(v["status"], "running");
 
-    let r = w.http.get(w.url("/info")).header("X-Request-Id", "abc-123").send().await.expect("info");
+    let r = w
+        .http
+        .get(w.url("/info"))
+        .header("X-Request-Id", "abc-123")
+        .send()
+        .await
+        .expect("info");
     assert_eq!(r.headers()["x-request-id"], "abc-123");
     let text = r.text().await.expect("text");
-    assert!(!text.contains(&w.flowise.url), "info must not reveal upstream URLs");
+    assert!(
+        !text.contains(&w.flowise.url),
+        "info must not reveal upstream URLs"
+    );
     assert!(!text.contains("test-flowise-key"));
 
     let r = w.http.get(w.url("/nope")).send().await.expect("404");
@@ -60,7 +69,10 @@ async fn stream_arrives_unbuffered_and_credentials_are_swapped() {
     }
     let end_at = started.elapsed();
     let text = String::from_utf8(all).expect("utf8");
-    assert!(text.contains("message:\ndata:{\"event\":\"start\""), "{text}");
+    assert!(
+        text.contains("message:\ndata:{\"event\":\"start\""),
+        "{text}"
+    );
     assert!(text.contains("\"event\":\"end\""));
     // Events are 300 ms apart: the first one must arrive long before the last.
     assert!(
@@ -68,9 +80,16 @@ async fn stream_arrives_unbuffered_and_credentials_are_swapped() {
         "first chunk at {first_at:?}, end at {end_at:?}: the stream was buffered"
     );
 
-    let req = w.flowise.prediction_requests().pop().expect("flowise saw the prediction");
+    let req = w
+        .flowise
+        .prediction_requests()
+        .pop()
+        .expect("flowise saw the prediction");
     assert_eq!(req.header("authorization"), Some("Bearer test-flowise-key"));
-    assert!(req.headers.iter().all(|(_, v)| !v.contains(&token)), "client token leaked upstream");
+    assert!(
+        req.headers.iter().all(|(_, v)| !v.contains(&token)),
+        "client token leaked upstream"
+    );
     assert!(req.header("x-request-id").is_some());
     assert!(req.header("x-forwarded-for").is_some());
     assert!(!text.contains("test-flowise-key"));
@@ -99,11 +118,20 @@ async fn upstream_down_gives_502_and_hang_gives_504() {
     w.flowise.set_fail(Fail::None);
     w.flowise.stop().await;
     for path in ["/api/v1/ping"] {
-        let r = w.http.get(w.url(path)).bearer_auth(&token).send().await.expect("send");
+        let r = w
+            .http
+            .get(w.url(path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(r.status(), 502, "{path}");
         let v: Value = r.json().await.expect("json");
         assert_eq!(v["code"], "upstream_error");
-        assert!(!v.to_string().contains("127.0.0.1"), "no upstream URL in errors");
+        assert!(
+            !v.to_string().contains("127.0.0.1"),
+            "no upstream URL in errors"
+        );
     }
     let r = w
         .http
@@ -137,8 +165,11 @@ async fn oversized_bodies_never_reach_flowise() {
     assert_eq!(v["code"], "body_too_large");
 
     // Chunked, no length: refused once the limit is crossed.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        big.into_bytes().chunks(500).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .into_bytes()
+        .chunks(500)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
     let r = w
         .http
         .post(w.url(&prediction_path()))
@@ -150,12 +181,20 @@ async fn oversized_bodies_never_reach_flowise() {
     if let Ok(r) = r {
         assert_eq!(r.status(), 413);
     }
-    assert_eq!(w.flowise.prediction_count(), 0, "Flowise saw an oversized body");
+    assert_eq!(
+        w.flowise.prediction_count(),
+        0,
+        "Flowise saw an oversized body"
+    );
 
     // Under the limit, chunked: passes whole.
     let small = json!({"question": "small"}).to_string();
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        small.clone().into_bytes().chunks(5).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = small
+        .clone()
+        .into_bytes()
+        .chunks(5)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
     let r = w
         .http
         .post(w.url(&prediction_path()))
@@ -174,33 +213,50 @@ async fn oversized_bodies_never_reach_flowise() {
 async fn health_follows_the_database() {
     let cluster = support::pg::PrivateCluster::start().await;
     let admin = support::pg::connect(&cluster.url("postgres")).await;
-    admin.batch_execute("CREATE DATABASE proxy").await.expect("create db");
+    admin
+        .batch_execute("CREATE DATABASE proxy")
+        .await
+        .expect("create db");
     let flowise = support::flowise::start(Default::default()).await;
-    let proxy = support::proxy::start(
-        support::proxy::ProxyOptions::new(cluster.url("proxy"), flowise.url.clone()),
-    )
+    let proxy = support::proxy::start(support::proxy::ProxyOptions::new(
+        cluster.url("proxy"),
+        flowise.url.clone(),
+    ))
     .await;
     let http = support::proxy::client();
     let health = |http: reqwest::Client, url: String| async move {
-        http.get(format!("{url}/health")).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+        http.get(format!("{url}/health"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
     };
     assert!(
-        support::wait_until(Duration::from_secs(20), || health(http.clone(), proxy.base_url.clone())
-            .then(|s| async move { s == 200 }))
+        support::wait_until(Duration::from_secs(20), || health(
+            http.clone(),
+            proxy.base_url.clone()
+        )
+        .then(|s| async move { s == 200 }))
         .await,
         "never healthy"
     );
     tokio::task::block_in_place(|| cluster.stop());
     assert!(
-        support::wait_until(Duration::from_secs(20), || health(http.clone(), proxy.base_url.clone())
-            .then(|s| async move { s == 503 }))
+        support::wait_until(Duration::from_secs(20), || health(
+            http.clone(),
+            proxy.base_url.clone()
+        )
+        .then(|s| async move { s == 503 }))
         .await,
         "health stayed 200 with the database down"
     );
     tokio::task::block_in_place(|| cluster.start_again());
     assert!(
-        support::wait_until(Duration::from_secs(30), || health(http.clone(), proxy.base_url.clone())
-            .then(|s| async move { s == 200 }))
+        support::wait_until(Duration::from_secs(30), || health(
+            http.clone(),
+            proxy.base_url.clone()
+        )
+        .then(|s| async move { s == 200 }))
         .await,
         "never recovered"
     );
@@ -229,8 +285,15 @@ async fn sigterm_drains_in_flight_streams() {
         all.extend_from_slice(&c.expect("stream cut by SIGTERM"));
     }
     let text = String::from_utf8(all).expect("utf8");
-    assert!(text.contains("\"event\":\"end\""), "stream did not finish: {text}");
-    let status = w.proxy.wait_exit(Duration::from_secs(30)).await.expect("exited");
+    assert!(
+        text.contains("\"event\":\"end\""),
+        "stream did not finish: {text}"
+    );
+    let status = w
+        .proxy
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exited");
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -256,5 +319,11 @@ async fn metrics_are_exposed() {
     ] {
         assert!(text.contains(name), "missing {name}");
     }
-    assert!(w.proxy.stdout_lines().iter().any(|l| l.contains("\"route\":\"root\"")), "access log line");
+    assert!(
+        w.proxy
+            .stdout_lines()
+            .iter()
+            .any(|l| l.contains("\"route\":\"root\"")),
+        "access log line"
+    );
 }

@@ -23,7 +23,12 @@ async fn status(w: &World, token: &str, method: reqwest::Method, path: &str) -> 
 }
 
 fn forge(secret: &str, alg: jsonwebtoken::Algorithm, claims: Value) -> String {
-    encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("encode")
+    encode(
+        &Header::new(alg),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,25 +50,62 @@ async fn token_attacks_are_refused() {
     let tampered = parts.join(".");
     let cases = [
         ("alg none", alg_none),
-        ("wrong key", forge("another-secret-that-is-long-enough-123456", jsonwebtoken::Algorithm::HS256, good.clone())),
-        ("other algorithm", forge(&secret, jsonwebtoken::Algorithm::HS512, good.clone())),
-        ("expired", forge(&secret, jsonwebtoken::Algorithm::HS256, expired)),
-        ("wrong issuer", forge(&secret, jsonwebtoken::Algorithm::HS256, wrong_iss)),
+        (
+            "wrong key",
+            forge(
+                "another-secret-that-is-long-enough-123456",
+                jsonwebtoken::Algorithm::HS256,
+                good.clone(),
+            ),
+        ),
+        (
+            "other algorithm",
+            forge(&secret, jsonwebtoken::Algorithm::HS512, good.clone()),
+        ),
+        (
+            "expired",
+            forge(&secret, jsonwebtoken::Algorithm::HS256, expired),
+        ),
+        (
+            "wrong issuer",
+            forge(&secret, jsonwebtoken::Algorithm::HS256, wrong_iss),
+        ),
         ("tampered", tampered),
         ("garbage", "not.a.jwt".to_string()),
         ("unknown api key", "fpk_0123456789ab_nope".to_string()),
     ];
     for (name, t) in cases {
-        let r = w.http.get(w.url("/chat/credits")).bearer_auth(&t).send().await.expect("send");
+        let r = w
+            .http
+            .get(w.url("/chat/credits"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .expect("send");
         assert_eq!(r.status(), 401, "{name}");
         let v: Value = r.json().await.expect("json");
-        assert!(["invalid_token", "token_expired", "unauthorized"].contains(&v["code"].as_str().unwrap_or("")), "{name}: {v}");
+        assert!(
+            ["invalid_token", "token_expired", "unauthorized"]
+                .contains(&v["code"].as_str().unwrap_or("")),
+            "{name}: {v}"
+        );
     }
-    let r = w.http.get(w.url("/chat/credits")).send().await.expect("send");
+    let r = w
+        .http
+        .get(w.url("/chat/credits"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 401);
     // The real token works, and carries the current role (user), not a forged one.
-    assert_eq!(status(&w, &token, reqwest::Method::GET, "/chat/credits").await, 200);
-    assert_eq!(status(&w, &token, reqwest::Method::GET, "/admin/users").await, 403);
+    assert_eq!(
+        status(&w, &token, reqwest::Method::GET, "/chat/credits").await,
+        200
+    );
+    assert_eq!(
+        status(&w, &token, reqwest::Method::GET, "/admin/users").await,
+        403
+    );
 }
 
 fn base64_url(s: &str) -> String {
@@ -79,7 +121,12 @@ async fn login_failures_look_alike_and_are_throttled() {
         let http = w.http.clone();
         let url = w.url("/chat/authenticate");
         async move {
-            let r = http.post(url).json(&json!({"username": u, "password": p})).send().await.expect("send");
+            let r = http
+                .post(url)
+                .json(&json!({"username": u, "password": p}))
+                .send()
+                .await
+                .expect("send");
             (r.status().as_u16(), r.text().await.expect("text"))
         }
     };
@@ -98,7 +145,13 @@ async fn login_failures_look_alike_and_are_throttled() {
         .expect("send");
     assert_eq!(r.status(), 429, "throttled even with the right password");
     assert!(r.headers().get("retry-after").is_some());
-    let r = w.http.post(w.url("/chat/authenticate")).body("{not json").send().await.expect("send");
+    let r = w
+        .http
+        .post(w.url("/chat/authenticate"))
+        .body("{not json")
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 400);
 }
 
@@ -121,14 +174,28 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
     let refresh = |rt: String| {
         let http = w.http.clone();
         let url = w.url("/chat/refresh");
-        async move { http.post(url).json(&json!({"refresh_token": rt})).send().await.expect("send") }
+        async move {
+            http.post(url)
+                .json(&json!({"refresh_token": rt}))
+                .send()
+                .await
+                .expect("send")
+        }
     };
     let r2 = refresh(rt1.clone()).await;
     assert_eq!(r2.status(), 200);
     let v: Value = r2.json().await.expect("json");
     let rt2 = v["refresh_token"].as_str().expect("rt2").to_string();
-    assert_eq!(refresh(rt1.clone()).await.status(), 401, "rotated token reused");
-    assert_eq!(refresh(rt2).await.status(), 401, "reuse revoked the whole family");
+    assert_eq!(
+        refresh(rt1.clone()).await.status(),
+        401,
+        "rotated token reused"
+    );
+    assert_eq!(
+        refresh(rt2).await.status(),
+        401,
+        "reuse revoked the whole family"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,10 +225,28 @@ async fn non_admins_get_403_on_admin_and_other_flowise_paths() {
         assert_eq!(status(&w, &token, m.clone(), p).await, 403, "{m} {p}");
     }
     // Grants: granted 200, not granted 403, unknown 404.
-    assert_eq!(status(&w, &token, M::GET, &format!("/chatflows/{FLOW}")).await, 200);
-    assert_eq!(status(&w, &token, M::GET, &format!("/chatflows/{FLOW2}")).await, 403);
-    assert_eq!(status(&w, &token, M::GET, "/chatflows/00000000-0000-4000-8000-000000000000").await, 404);
-    assert_eq!(status(&w, &token, M::GET, &format!("/api/v1/chatflows/{FLOW2}")).await, 403);
+    assert_eq!(
+        status(&w, &token, M::GET, &format!("/chatflows/{FLOW}")).await,
+        200
+    );
+    assert_eq!(
+        status(&w, &token, M::GET, &format!("/chatflows/{FLOW2}")).await,
+        403
+    );
+    assert_eq!(
+        status(
+            &w,
+            &token,
+            M::GET,
+            "/chatflows/00000000-0000-4000-8000-000000000000"
+        )
+        .await,
+        404
+    );
+    assert_eq!(
+        status(&w, &token, M::GET, &format!("/api/v1/chatflows/{FLOW2}")).await,
+        403
+    );
     let cfg: Value = w
         .http
         .get(w.url(&format!("/chatflows/{FLOW}/config")))
@@ -183,7 +268,12 @@ async fn non_admins_get_403_on_admin_and_other_flowise_paths() {
         .json()
         .await
         .expect("json");
-    let ids: Vec<&str> = list.as_array().expect("array").iter().filter_map(|r| r["id"].as_str()).collect();
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
     assert_eq!(ids, vec![FLOW], "drop-in list cut to grants");
     assert!(list[0].get("flowData").is_some(), "Flowise's own row shape");
 }
@@ -199,7 +289,14 @@ async fn changes_reach_a_second_instance_within_a_second() {
     let on_second = |token: String, path: String| {
         let http = w.http.clone();
         let url = format!("{}{}", second.base_url, path);
-        async move { http.get(url).bearer_auth(token).send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
     };
     w.add_user("root", "admin", 0);
     let admin = w.login("root").await;
@@ -217,14 +314,17 @@ async fn changes_reach_a_second_instance_within_a_second() {
         .await
         .expect("json");
     let key = key["api_key"].as_str().expect("api key").to_string();
-    let within = |pred_status: u16, token: String, path: String| {
-        let on_second = on_second.clone();
-        async move {
-            support::wait_until(Duration::from_millis(1000), || on_second(token.clone(), path.clone()).then(move |s| async move { s == pred_status })).await
-        }
+    let within = |pred_status: u16, token: String, path: String| async move {
+        support::wait_until(Duration::from_millis(1000), || {
+            on_second(token.clone(), path.clone()).then(move |s| async move { s == pred_status })
+        })
+        .await
     };
     use futures::FutureExt;
-    assert!(within(200, key.clone(), format!("/chatflows/{FLOW}")).await, "key not usable on instance two");
+    assert!(
+        within(200, key.clone(), format!("/chatflows/{FLOW}")).await,
+        "key not usable on instance two"
+    );
     // Grant removal on one: 403 on two within 1 s.
     let r = w
         .http
@@ -234,21 +334,56 @@ async fn changes_reach_a_second_instance_within_a_second() {
         .await
         .expect("send");
     assert_eq!(r.status(), 200);
-    assert!(within(403, key.clone(), format!("/chatflows/{FLOW}")).await, "grant removal not seen in 1 s");
+    assert!(
+        within(403, key.clone(), format!("/chatflows/{FLOW}")).await,
+        "grant removal not seen in 1 s"
+    );
     // Access token revoked on one: 401 on two within 1 s.
     assert!(within(200, token.clone(), "/chat/credits".into()).await);
-    let r = w.http.post(w.url("/chat/revoke")).bearer_auth(&token).json(&json!({})).send().await.expect("send");
+    let r = w
+        .http
+        .post(w.url("/chat/revoke"))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
-    assert!(within(401, token, "/chat/credits".into()).await, "revoked token still works on instance two");
+    assert!(
+        within(401, token, "/chat/credits".into()).await,
+        "revoked token still works on instance two"
+    );
     // Key revoked on one: 401 on two within 1 s.
-    let r = w.http.post(w.url(&format!("/admin/users/{uid}/api-keys"))).bearer_auth(&admin).send().await.expect("send");
+    let r = w
+        .http
+        .post(w.url(&format!("/admin/users/{uid}/api-keys")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("send");
     let key2: Value = r.json().await.expect("json");
     let key2_id = key2["id"].as_i64().expect("id");
     let key2 = key2["api_key"].as_str().expect("key").to_string();
     assert!(within(200, key2.clone(), "/chat/credits".into()).await);
-    w.http.delete(w.url(&format!("/admin/api-keys/{key2_id}"))).bearer_auth(&admin).send().await.expect("send");
-    assert!(within(401, key2, "/chat/credits".into()).await, "revoked key still works on instance two");
+    w.http
+        .delete(w.url(&format!("/admin/api-keys/{key2_id}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("send");
+    assert!(
+        within(401, key2, "/chat/credits".into()).await,
+        "revoked key still works on instance two"
+    );
     // Deactivation: every credential of the user stops working on two.
-    w.http.delete(w.url(&format!("/admin/users/{uid}"))).bearer_auth(&admin).send().await.expect("send");
-    assert!(within(401, key, "/chat/credits".into()).await, "deactivated user still in on instance two");
+    w.http
+        .delete(w.url(&format!("/admin/users/{uid}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("send");
+    assert!(
+        within(401, key, "/chat/credits".into()).await,
+        "deactivated user still in on instance two"
+    );
 }

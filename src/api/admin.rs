@@ -11,8 +11,22 @@ use crate::proxy::route::AdminRoute;
 use crate::proxy::Ctx;
 use crate::store::{self, ledger::Adjusted};
 
-async fn audit(app: &App, ctx: &Ctx, action: &str, target: String, details: Value) -> Result<(), ApiError> {
-    store::identity::audit(&app.db, ctx.user_id(), action, &target, &details, &ctx.request_id).await?;
+async fn audit(
+    app: &App,
+    ctx: &Ctx,
+    action: &str,
+    target: String,
+    details: Value,
+) -> Result<(), ApiError> {
+    store::identity::audit(
+        &app.db,
+        ctx.user_id(),
+        action,
+        &target,
+        &details,
+        &ctx.request_id,
+    )
+    .await?;
     Ok(())
 }
 
@@ -83,13 +97,18 @@ struct GrantBody {
 fn validate_username(u: &str) -> Result<(), ApiError> {
     let ok = !u.is_empty()
         && u.len() <= 64
-        && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
-    ok.then_some(()).ok_or_else(|| ApiError::validation("username: 1-64 characters of letters, digits, - _ . @"))
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+    ok.then_some(()).ok_or_else(|| {
+        ApiError::validation("username: 1-64 characters of letters, digits, - _ . @")
+    })
 }
 
 fn validate_password(p: &str) -> Result<(), ApiError> {
     if p.len() < 8 || p.len() > 1024 {
-        return Err(ApiError::validation("password must be 8 to 1024 characters"));
+        return Err(ApiError::validation(
+            "password must be 8 to 1024 characters",
+        ));
     }
     Ok(())
 }
@@ -118,7 +137,9 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
     use AdminRoute::*;
     let (limit, offset) = page(ctx.query.as_deref());
     match route {
-        ListUsers => Ok(Reply::ok(json!(store::identity::list_users(&app.db, limit, offset).await?))),
+        ListUsers => Ok(Reply::ok(json!(
+            store::identity::list_users(&app.db, limit, offset).await?
+        ))),
         GetUser(id) => {
             let u = store::identity::get_user(&app.db, id).await?;
             let (available, held) = store::ledger::balance(&app.db, id).await?.unwrap_or((0, 0));
@@ -133,8 +154,17 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             validate_password(&b.password)?;
             valid_role(&b.role)?;
             let h = hash(b.password).await?;
-            let u = store::identity::create_user(&app.db, &b.username, &h, &b.role, b.email.as_deref()).await?;
-            audit(app, ctx, "user.create", format!("user:{}", u.id), json!({"username": u.username, "role": u.role})).await?;
+            let u =
+                store::identity::create_user(&app.db, &b.username, &h, &b.role, b.email.as_deref())
+                    .await?;
+            audit(
+                app,
+                ctx,
+                "user.create",
+                format!("user:{}", u.id),
+                json!({"username": u.username, "role": u.role}),
+            )
+            .await?;
             app.auth.snapshot.invalidate();
             Ok(Reply::with_status(201, json!(u)))
         }
@@ -150,15 +180,30 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 }
                 None => None,
             };
-            let u = store::identity::update_user(&app.db, id, b.role.as_deref(), b.active, b.email.as_deref(), h.as_deref()).await?;
-            audit(app, ctx, "user.update", format!("user:{id}"),
-                json!({"role": b.role, "active": b.active, "password_changed": h.is_some()})).await?;
+            let u = store::identity::update_user(
+                &app.db,
+                id,
+                b.role.as_deref(),
+                b.active,
+                b.email.as_deref(),
+                h.as_deref(),
+            )
+            .await?;
+            audit(
+                app,
+                ctx,
+                "user.update",
+                format!("user:{id}"),
+                json!({"role": b.role, "active": b.active, "password_changed": h.is_some()}),
+            )
+            .await?;
             app.auth.snapshot.invalidate();
             Ok(Reply::ok(json!(u)))
         }
         DeleteUser(id) => {
             // Deactivate: the ledger keeps its history.
-            let u = store::identity::update_user(&app.db, id, None, Some(false), None, None).await?;
+            let u =
+                store::identity::update_user(&app.db, id, None, Some(false), None, None).await?;
             audit(app, ctx, "user.deactivate", format!("user:{id}"), json!({})).await?;
             app.auth.snapshot.invalidate();
             Ok(Reply::ok(json!(u)))
@@ -168,12 +213,24 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             if b.amount == 0 {
                 return Err(ApiError::validation("amount must not be zero"));
             }
-            if b.idempotency_key.is_empty() || b.idempotency_key.len() > 200 || b.reason.len() > 500 {
-                return Err(ApiError::validation("idempotency_key (1-200 chars) and reason (up to 500) are required"));
+            if b.idempotency_key.is_empty() || b.idempotency_key.len() > 200 || b.reason.len() > 500
+            {
+                return Err(ApiError::validation(
+                    "idempotency_key (1-200 chars) and reason (up to 500) are required",
+                ));
             }
             store::identity::get_user(&app.db, id).await?;
             let kind = if b.amount > 0 { "grant" } else { "adjust" };
-            let res = store::ledger::adjust(&app.db, id, b.amount, kind, &b.reason, Some(&b.idempotency_key), ctx.user_id()).await?;
+            let res = store::ledger::adjust(
+                &app.db,
+                id,
+                b.amount,
+                kind,
+                &b.reason,
+                Some(&b.idempotency_key),
+                ctx.user_id(),
+            )
+            .await?;
             let (available, replayed) = match res {
                 Adjusted::Applied { available } => (available, false),
                 Adjusted::Replayed { available } => (available, true),
@@ -182,37 +239,82 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 audit(app, ctx, "credits.change", format!("user:{id}"),
                     json!({"amount": b.amount, "reason": b.reason, "idempotency_key": b.idempotency_key})).await?;
             }
-            Ok(Reply::ok(json!({"user_id": id, "credits": available, "replayed": replayed})))
+            Ok(Reply::ok(
+                json!({"user_id": id, "credits": available, "replayed": replayed}),
+            ))
         }
         UserLedger(id) => {
             store::identity::get_user(&app.db, id).await?;
             let rows = store::ledger::ledger_page(&app.db, id, limit, offset).await?;
-            Ok(Reply::ok(json!({"user_id": id, "limit": limit, "offset": offset, "entries": rows})))
+            Ok(Reply::ok(
+                json!({"user_id": id, "limit": limit, "offset": offset, "entries": rows}),
+            ))
         }
         CreateApiKey(id) => {
-            let b: NewKey = if ctx.body.is_some() { parse_body(ctx)? } else { NewKey::default() };
+            let b: NewKey = if ctx.body.is_some() {
+                parse_body(ctx)?
+            } else {
+                NewKey::default()
+            };
             store::identity::get_user(&app.db, id).await?;
             let k = password::new_api_key();
-            let (key_id, created) = store::identity::insert_api_key(&app.db, id, &k.prefix, &k.secret_hash, b.name.as_deref()).await?;
-            audit(app, ctx, "apikey.create", format!("user:{id}"), json!({"key_id": key_id, "prefix": k.prefix})).await?;
+            let (key_id, created) = store::identity::insert_api_key(
+                &app.db,
+                id,
+                &k.prefix,
+                &k.secret_hash,
+                b.name.as_deref(),
+            )
+            .await?;
+            audit(
+                app,
+                ctx,
+                "apikey.create",
+                format!("user:{id}"),
+                json!({"key_id": key_id, "prefix": k.prefix}),
+            )
+            .await?;
             app.auth.snapshot.invalidate();
-            Ok(Reply::with_status(201, json!({"id": key_id, "user_id": id, "api_key": k.token, "prefix": k.prefix, "created_at": created})))
+            Ok(Reply::with_status(
+                201,
+                json!({"id": key_id, "user_id": id, "api_key": k.token, "prefix": k.prefix, "created_at": created}),
+            ))
         }
         RevokeApiKey(key_id) => {
             let owner = store::identity::revoke_api_key(&app.db, key_id).await?;
-            audit(app, ctx, "apikey.revoke", format!("apikey:{key_id}"), json!({"user_id": owner})).await?;
+            audit(
+                app,
+                ctx,
+                "apikey.revoke",
+                format!("apikey:{key_id}"),
+                json!({"user_id": owner}),
+            )
+            .await?;
             app.auth.snapshot.invalidate();
             Ok(Reply::ok(json!({"revoked": true, "id": key_id})))
         }
         ListChatflows => Ok(Reply::ok(json!(store::catalog::all(&app.db).await?))),
         SyncChatflows => {
             let n = crate::catalog::sync(app).await?;
-            audit(app, ctx, "chatflows.sync", "chatflows".into(), json!({"count": n})).await?;
-            Ok(Reply::ok(json!({"synced": n, "chatflows": store::catalog::all(&app.db).await?})))
+            audit(
+                app,
+                ctx,
+                "chatflows.sync",
+                "chatflows".into(),
+                json!({"count": n}),
+            )
+            .await?;
+            Ok(Reply::ok(
+                json!({"synced": n, "chatflows": store::catalog::all(&app.db).await?}),
+            ))
         }
         PatchChatflow(id) => {
             let b: Pricing = parse_body(ctx)?;
-            for v in [b.credit_cost, b.credits_per_1k_tokens].into_iter().flatten().flatten() {
+            for v in [b.credit_cost, b.credits_per_1k_tokens]
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if v < 0 {
                     return Err(ApiError::validation("prices must not be negative"));
                 }
@@ -222,13 +324,22 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                     return Err(ApiError::validation("max_hold must be positive"));
                 }
             }
-            let c = store::catalog::set_pricing(&app.db, &id, b.credit_cost, b.credits_per_1k_tokens, b.max_hold).await?;
+            let c = store::catalog::set_pricing(
+                &app.db,
+                &id,
+                b.credit_cost,
+                b.credits_per_1k_tokens,
+                b.max_hold,
+            )
+            .await?;
             audit(app, ctx, "chatflow.pricing", format!("chatflow:{id}"),
                 json!({"credit_cost": c.credit_cost, "credits_per_1k_tokens": c.credits_per_1k_tokens, "max_hold": c.max_hold})).await?;
             app.auth.snapshot.invalidate();
             Ok(Reply::ok(json!(c)))
         }
-        ChatflowUsers(id) => Ok(Reply::ok(json!(store::identity::chatflow_users(&app.db, &id).await?))),
+        ChatflowUsers(id) => Ok(Reply::ok(json!(
+            store::identity::chatflow_users(&app.db, &id).await?
+        ))),
         GrantChatflow(id) => {
             let b: GrantBody = parse_body(ctx)?;
             let user_id = resolve_user(app, &b).await?;
@@ -236,9 +347,19 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 return Err(ApiError::not_found());
             }
             let created = store::identity::grant(&app.db, user_id, &id).await?;
-            audit(app, ctx, "grant.add", format!("chatflow:{id}"), json!({"user_id": user_id})).await?;
+            audit(
+                app,
+                ctx,
+                "grant.add",
+                format!("chatflow:{id}"),
+                json!({"user_id": user_id}),
+            )
+            .await?;
             app.auth.snapshot.invalidate();
-            Ok(Reply::with_status(if created { 201 } else { 200 }, json!({"chatflow_id": id, "user_id": user_id, "granted": true})))
+            Ok(Reply::with_status(
+                if created { 201 } else { 200 },
+                json!({"chatflow_id": id, "user_id": user_id, "granted": true}),
+            ))
         }
         RevokeChatflow(id) => {
             let b: GrantBody = if ctx.body.is_some() {
@@ -251,10 +372,21 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             };
             let user_id = resolve_user(app, &b).await?;
             let removed = store::identity::revoke_grant(&app.db, user_id, &id).await?;
-            audit(app, ctx, "grant.remove", format!("chatflow:{id}"), json!({"user_id": user_id})).await?;
+            audit(
+                app,
+                ctx,
+                "grant.remove",
+                format!("chatflow:{id}"),
+                json!({"user_id": user_id}),
+            )
+            .await?;
             app.auth.snapshot.invalidate();
-            Ok(Reply::ok(json!({"chatflow_id": id, "user_id": user_id, "revoked": removed})))
+            Ok(Reply::ok(
+                json!({"chatflow_id": id, "user_id": user_id, "revoked": removed}),
+            ))
         }
-        Audit => Ok(Reply::ok(json!({"limit": limit, "offset": offset, "entries": store::identity::audit_page(&app.db, limit, offset).await?}))),
+        Audit => Ok(Reply::ok(
+            json!({"limit": limit, "offset": offset, "entries": store::identity::audit_page(&app.db, limit, offset).await?}),
+        )),
     }
 }

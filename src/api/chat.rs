@@ -28,7 +28,10 @@ pub async fn authenticate(app: &App, ctx: &Ctx) -> ApiResult {
         return Err(ApiError::invalid_credentials());
     }
     let ip = ctx.client_ip.clone().unwrap_or_default();
-    let (pair, user) = app.auth.login(&app.db, &body.username, &body.password, &ip).await?;
+    let (pair, user) = app
+        .auth
+        .login(&app.db, &body.username, &body.password, &ip)
+        .await?;
     Ok(Reply::ok(json!({
         "access_token": pair.access_token,
         "refresh_token": pair.refresh_token,
@@ -64,7 +67,14 @@ struct RevokeBody {
 
 pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
     let who = identity(ctx)?;
-    let body: RevokeBody = if ctx.body.is_some() { parse_body(ctx)? } else { RevokeBody { refresh_token: None, all: false } };
+    let body: RevokeBody = if ctx.body.is_some() {
+        parse_body(ctx)?
+    } else {
+        RevokeBody {
+            refresh_token: None,
+            all: false,
+        }
+    };
     app.auth
         .revoke(&app.db, who, body.refresh_token.as_deref(), body.all)
         .await?;
@@ -127,10 +137,17 @@ pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
         })
         .collect();
     messages.sort_by(|a, b| {
-        let t = |v: &Value| v.get("time").and_then(Value::as_str).unwrap_or("").to_string();
+        let t = |v: &Value| {
+            v.get("time")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         t(a).cmp(&t(b))
     });
-    Ok(Reply::ok(json!({"session_id": id, "chatflow_id": chatflow, "messages": messages})))
+    Ok(Reply::ok(
+        json!({"session_id": id, "chatflow_id": chatflow, "messages": messages}),
+    ))
 }
 
 pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
@@ -172,7 +189,9 @@ pub fn chatflows(app: &App, ctx: &Ctx) -> ApiResult {
         .filter(|c| !c.deleted && (who.is_admin() || snap.is_granted(who.user_id, &c.id)))
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    Ok(Reply::ok(Value::Array(list.into_iter().map(|c| chatflow_json(app, c)).collect())))
+    Ok(Reply::ok(Value::Array(
+        list.into_iter().map(|c| chatflow_json(app, c)).collect(),
+    )))
 }
 
 /// Access was checked by the pipeline (404 unknown, 403 not granted).
@@ -183,9 +202,19 @@ pub fn chatflow(app: &App, id: &str) -> ApiResult {
 }
 
 pub async fn chatflow_config(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let (status, body) = flowise_call(app, ctx, "GET", &format!("/api/v1/public-chatbotConfig/{id}")).await?;
+    let (status, body) = flowise_call(
+        app,
+        ctx,
+        "GET",
+        &format!("/api/v1/public-chatbotConfig/{id}"),
+    )
+    .await?;
     if !(200..300).contains(&status) {
-        return Err(if status == 404 || status == 500 { ApiError::not_found() } else { ApiError::upstream_error() });
+        return Err(if status == 404 || status == 500 {
+            ApiError::not_found()
+        } else {
+            ApiError::upstream_error()
+        });
     }
     let mut v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
     if let Value::Object(m) = &mut v {

@@ -18,7 +18,11 @@ fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
 }
 
 /// Checks a pass-through request. `Some(reply)` answers it here instead.
-pub async fn check(app: &App, ctx: &mut Ctx, _req: &RequestHeader) -> Result<Option<Reply>, ApiError> {
+pub async fn check(
+    app: &App,
+    ctx: &mut Ctx,
+    _req: &RequestHeader,
+) -> Result<Option<Reply>, ApiError> {
     let Some(who) = ctx.identity.clone() else {
         return Ok(None);
     };
@@ -41,14 +45,20 @@ pub async fn check(app: &App, ctx: &mut Ctx, _req: &RequestHeader) -> Result<Opt
             }
         }
         Route::FlowiseAttachments(chatflow, chat) => {
-            if !app.sessions.claim(&app.db, &chat, who.user_id, &chatflow).await? {
+            if !app
+                .sessions
+                .claim(&app.db, &chat, who.user_id, &chatflow)
+                .await?
+            {
                 return Err(ApiError::forbidden());
             }
             Ok(None)
         }
         Route::FlowiseUploadFile => {
-            let chatflow = query_param(ctx, "chatflowId").ok_or_else(|| ApiError::validation("chatflowId is required"))?;
-            let chat = query_param(ctx, "chatId").ok_or_else(|| ApiError::validation("chatId is required"))?;
+            let chatflow = query_param(ctx, "chatflowId")
+                .ok_or_else(|| ApiError::validation("chatflowId is required"))?;
+            let chat = query_param(ctx, "chatId")
+                .ok_or_else(|| ApiError::validation("chatId is required"))?;
             pipeline_check_chatflow(app, ctx, &chatflow)?;
             let owned = app.sessions.owned(&app.db, &chat, who.user_id).await?;
             if owned.as_deref() != Some(chatflow.as_str()) {
@@ -73,7 +83,10 @@ async fn own_messages(app: &App, ctx: &Ctx, chatflow: &str, user_id: i64) -> Api
         let Some(id) = s.get("session_id").and_then(Value::as_str) else {
             continue;
         };
-        let path = format!("/api/v1/chatmessage/{chatflow}?chatId={}", crate::proxy::route_urlencode(id));
+        let path = format!(
+            "/api/v1/chatmessage/{chatflow}?chatId={}",
+            crate::proxy::route_urlencode(id)
+        );
         let (status, body) = flowise_call(app, ctx, "GET", &path).await?;
         if (200..300).contains(&status) {
             if let Ok(Value::Array(rows)) = serde_json::from_slice::<Value>(&body) {

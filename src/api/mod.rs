@@ -134,8 +134,14 @@ pub fn page(ctx_query: Option<&str>) -> (i64, i64) {
 }
 
 /// Calls Flowise for the proxy's own endpoints and returns (status, body).
-pub async fn flowise_call(app: &App, ctx: &Ctx, method: &str, path_and_query: &str) -> Result<(u16, Bytes), ApiError> {
-    let req = RequestHeader::build(method, path_and_query.as_bytes(), None).map_err(|_| ApiError::internal())?;
+pub async fn flowise_call(
+    app: &App,
+    ctx: &Ctx,
+    method: &str,
+    path_and_query: &str,
+) -> Result<(u16, Bytes), ApiError> {
+    let req = RequestHeader::build(method, path_and_query.as_bytes(), None)
+        .map_err(|_| ApiError::internal())?;
     let meta = ForwardMeta {
         request_id: &ctx.request_id,
         client_ip: ctx.client_ip.clone(),

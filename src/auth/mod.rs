@@ -9,7 +9,9 @@ pub mod throttle;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use jsonwebtoken::{decode, encode, errors::ErrorKind, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{
+    decode, encode, errors::ErrorKind, DecodingKey, EncodingKey, Header, Validation,
+};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -35,7 +37,10 @@ pub struct Claims {
 
 #[derive(Debug, Clone)]
 pub enum Credential {
-    Jwt { jti: Uuid, expires_at: DateTime<Utc> },
+    Jwt {
+        jti: Uuid,
+        expires_at: DateTime<Utc>,
+    },
     ApiKey,
 }
 
@@ -119,7 +124,7 @@ impl Auth {
             algorithm: cfg.jwt_algorithm,
             access_lifetime: ChronoDuration::milliseconds(cfg.jwt_expiration.as_millis() as i64),
             refresh_lifetime: ChronoDuration::milliseconds(
-                cfg.refresh_token_lifetime.as_millis() as i64,
+                cfg.refresh_token_lifetime.as_millis() as i64
             ),
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
         }
@@ -129,7 +134,10 @@ impl Auth {
     pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
         let header = header.ok_or(AuthFailure::Missing)?;
         let header = std::str::from_utf8(header).map_err(|_| AuthFailure::Malformed)?;
-        let (scheme, token) = header.trim().split_once(' ').ok_or(AuthFailure::Malformed)?;
+        let (scheme, token) = header
+            .trim()
+            .split_once(' ')
+            .ok_or(AuthFailure::Malformed)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthFailure::Malformed);
         }
@@ -151,7 +159,10 @@ impl Auth {
         if !password::ct_eq(&password::sha256(secret.as_bytes()), &key.secret_hash) {
             return Err(AuthFailure::BadApiKey);
         }
-        let user = snap.users.get(&key.user_id).ok_or(AuthFailure::UnknownUser)?;
+        let user = snap
+            .users
+            .get(&key.user_id)
+            .ok_or(AuthFailure::UnknownUser)?;
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
@@ -163,11 +174,14 @@ impl Auth {
     }
 
     fn authenticate_jwt(&self, token: &str) -> Result<Identity, AuthFailure> {
-        let data = decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => AuthFailure::Expired,
-            ErrorKind::InvalidSignature => AuthFailure::BadSignature,
-            _ => AuthFailure::Malformed,
-        })?;
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                    ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+                    _ => AuthFailure::Malformed,
+                }
+            })?;
         let c = data.claims;
         let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
         let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
@@ -205,10 +219,17 @@ impl Auth {
             iss: ISSUER.into(),
             iat_ms: now.timestamp_millis(),
         };
-        encode(&Header::new(self.algorithm), &claims, &self.encoding).map_err(|_| ApiError::internal())
+        encode(&Header::new(self.algorithm), &claims, &self.encoding)
+            .map_err(|_| ApiError::internal())
     }
 
-    async fn issue_pair(&self, db: &Db, user_id: i64, role: Role, family: Uuid) -> Result<TokenPair, ApiError> {
+    async fn issue_pair(
+        &self,
+        db: &Db,
+        user_id: i64,
+        role: Role,
+        family: Uuid,
+    ) -> Result<TokenPair, ApiError> {
         let access_token = self.issue_access(user_id, role)?;
         let refresh_token = password::random_token(32);
         store::identity::insert_refresh_token(
@@ -235,15 +256,18 @@ impl Auth {
         client_ip: &str,
     ) -> Result<(TokenPair, store::identity::UserRow), ApiError> {
         if let Some(wait) = self.throttle.check(username, client_ip) {
-            crate::metrics::LOGINS.with_label_values(&["throttled"]).inc();
+            crate::metrics::LOGINS
+                .with_label_values(&["throttled"])
+                .inc();
             return Err(ApiError::rate_limited(wait));
         }
         let found = store::identity::login_lookup(db, username).await?;
         let hash = found.as_ref().map(|(_, h)| h.clone());
         let pw = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || password::verify_password(&pw, hash.as_deref()))
-            .await
-            .unwrap_or(false);
+        let ok =
+            tokio::task::spawn_blocking(move || password::verify_password(&pw, hash.as_deref()))
+                .await
+                .unwrap_or(false);
         match found {
             Some((user, _)) if ok && user.active => {
                 self.throttle.succeeded(username);
@@ -264,7 +288,11 @@ impl Auth {
     }
 
     /// Exchanges a refresh token for a new pair (rotation with reuse detection).
-    pub async fn refresh(&self, db: &Db, refresh_token: &str) -> Result<(TokenPair, i64, Role), ApiError> {
+    pub async fn refresh(
+        &self,
+        db: &Db,
+        refresh_token: &str,
+    ) -> Result<(TokenPair, i64, Role), ApiError> {
         if refresh_token.is_empty() || refresh_token.len() > 256 {
             return Err(ApiError::invalid_token());
         }
@@ -281,11 +309,15 @@ impl Auth {
                 Ok((pair, user_id, user.role))
             }
             RefreshOutcome::Reused => {
-                crate::metrics::AUTH_FAILURES.with_label_values(&["refresh_reuse"]).inc();
+                crate::metrics::AUTH_FAILURES
+                    .with_label_values(&["refresh_reuse"])
+                    .inc();
                 Err(ApiError::invalid_token())
             }
             RefreshOutcome::Invalid => {
-                crate::metrics::AUTH_FAILURES.with_label_values(&["refresh_invalid"]).inc();
+                crate::metrics::AUTH_FAILURES
+                    .with_label_values(&["refresh_invalid"])
+                    .inc();
                 Err(ApiError::invalid_token())
             }
         }
@@ -302,8 +334,12 @@ impl Auth {
         if all {
             store::identity::revoke_all_for_user(db, who.user_id).await?;
         } else if let Some(rt) = refresh_token {
-            store::identity::revoke_refresh_family(db, who.user_id, &password::sha256(rt.as_bytes()))
-                .await?;
+            store::identity::revoke_refresh_family(
+                db,
+                who.user_id,
+                &password::sha256(rt.as_bytes()),
+            )
+            .await?;
         }
         if let Credential::Jwt { jti, expires_at } = &who.credential {
             store::identity::revoke_access_token(db, *jti, *expires_at).await?;

@@ -2,7 +2,9 @@
 //! (refresh tokens and API key secrets are 256-bit random, so a slow hash adds
 //! nothing but latency), constant-time comparison everywhere.
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use base64::Engine;
 use once_cell::sync::Lazy;
@@ -20,9 +22,8 @@ pub fn hash_password(password: &str) -> Result<String, String> {
 
 /// A real hash of a random password, verified against when the username is
 /// unknown so that a missing user costs the same time as a wrong password.
-static DUMMY_HASH: Lazy<String> = Lazy::new(|| {
-    hash_password(&random_token(16)).unwrap_or_default()
-});
+static DUMMY_HASH: Lazy<String> =
+    Lazy::new(|| hash_password(&random_token(16)).unwrap_or_default());
 
 /// Verifies `password` against `hash` (or against a dummy when there is no user).
 pub fn verify_password(password: &str, hash: Option<&str>) -> bool {

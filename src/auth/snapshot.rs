@@ -43,7 +43,6 @@ impl Role {
 
 #[derive(Debug, Clone)]
 pub struct UserEntry {
-    pub username: String,
     pub role: Role,
     pub active: bool,
     pub tokens_valid_after: DateTime<Utc>,
@@ -51,7 +50,6 @@ pub struct UserEntry {
 
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
-    pub id: i64,
     pub user_id: i64,
     pub secret_hash: Vec<u8>,
 }
@@ -106,22 +104,20 @@ impl SnapshotStore {
             loaded: Some(Instant::now()),
             ..Default::default()
         };
-        for (id, username, role, active, after) in rows.users {
+        for (id, _username, role, active, after) in rows.users {
             s.users.insert(
                 id,
                 UserEntry {
-                    username,
                     role: Role::parse(&role).unwrap_or(Role::User),
                     active,
                     tokens_valid_after: after,
                 },
             );
         }
-        for (id, user_id, prefix, secret_hash) in rows.api_keys {
+        for (_id, user_id, prefix, secret_hash) in rows.api_keys {
             s.api_keys.insert(
                 prefix,
                 KeyEntry {
-                    id,
                     user_id,
                     secret_hash,
                 },
@@ -129,9 +125,15 @@ impl SnapshotStore {
         }
         s.revoked = rows.revoked.into_iter().collect();
         s.grants = rows.grants.into_iter().collect();
-        s.chatflows = rows.chatflows.into_iter().map(|c| (c.id.clone(), c)).collect();
+        s.chatflows = rows
+            .chatflows
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
         self.current.store(Arc::new(s));
-        crate::metrics::SNAPSHOT_RELOADS.with_label_values(&[trigger]).inc();
+        crate::metrics::SNAPSHOT_RELOADS
+            .with_label_values(&[trigger])
+            .inc();
         crate::metrics::SNAPSHOT_AGE_SECONDS.set(0);
         Ok(())
     }
@@ -148,7 +150,10 @@ impl SnapshotStore {
                 _ = self.wake.notified() => true,
                 _ = tokio::time::sleep(every) => false,
             };
-            if let Err(e) = self.reload(&db, if woken { "notify" } else { "periodic" }).await {
+            if let Err(e) = self
+                .reload(&db, if woken { "notify" } else { "periodic" })
+                .await
+            {
                 log::warn!("identity snapshot reload failed: {e}");
                 // Retry soon rather than waiting a whole period.
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -189,7 +194,9 @@ async fn listen_once(store: &SnapshotStore, url: &str) -> Result<(), tokio_postg
     let (client, mut conn) = pg.connect(tokio_postgres::NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
     let listen = async {
-        client.batch_execute("LISTEN flowise_proxy_snapshot").await?;
+        client
+            .batch_execute("LISTEN flowise_proxy_snapshot")
+            .await?;
         // Changes made while we were not listening: catch up.
         store.wake.notify_one();
         // Detect a dead server with a cheap query now and then.

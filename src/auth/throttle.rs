@@ -54,7 +54,9 @@ impl LoginThrottle {
     }
 
     pub fn succeeded(&self, username: &str) {
-        self.table.lock().remove(&format!("u:{}", username.to_lowercase()));
+        self.table
+            .lock()
+            .remove(&format!("u:{}", username.to_lowercase()));
     }
 }
 

@@ -17,22 +17,29 @@ pub async fn sync(app: &App) -> Result<usize, ApiError> {
     let flows = match result {
         Ok(f) if !f.is_empty() => f,
         Ok(_) => {
-            crate::metrics::CATALOG_SYNCS.with_label_values(&["empty"]).inc();
+            crate::metrics::CATALOG_SYNCS
+                .with_label_values(&["empty"])
+                .inc();
             return Ok(0);
         }
         Err(e) => {
-            crate::metrics::CATALOG_SYNCS.with_label_values(&["failed"]).inc();
+            crate::metrics::CATALOG_SYNCS
+                .with_label_values(&["failed"])
+                .inc();
             return Err(e);
         }
     };
     store::catalog::sync(&app.db, &flows).await?;
-    crate::metrics::CATALOG_SYNCS.with_label_values(&["ok"]).inc();
+    crate::metrics::CATALOG_SYNCS
+        .with_label_values(&["ok"])
+        .inc();
     app.auth.snapshot.invalidate();
     Ok(flows.len())
 }
 
 async fn fetch(app: &App) -> Result<Vec<SyncedChatflow>, ApiError> {
-    let req = RequestHeader::build("GET", b"/api/v1/chatflows", None).map_err(|_| ApiError::internal())?;
+    let req = RequestHeader::build("GET", b"/api/v1/chatflows", None)
+        .map_err(|_| ApiError::internal())?;
     let rid = format!("sync-{}", uuid::Uuid::new_v4());
     let meta = ForwardMeta {
         request_id: &rid,
@@ -76,8 +83,15 @@ pub fn parse_list(body: &[u8]) -> Option<Vec<SyncedChatflow>> {
         }
         out.push(SyncedChatflow {
             id: id.to_string(),
-            name: r.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
-            category: r.get("category").and_then(Value::as_str).map(str::to_string),
+            name: r
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            category: r
+                .get("category")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             deployed: r.get("deployed").and_then(Value::as_bool).unwrap_or(false),
         });
     }

@@ -39,7 +39,10 @@ pub struct Price {
 
 impl Price {
     pub fn of(chatflow: Option<&ChatflowRow>, default_cost: i64) -> Price {
-        let flat = chatflow.and_then(|c| c.credit_cost).unwrap_or(default_cost).max(0);
+        let flat = chatflow
+            .and_then(|c| c.credit_cost)
+            .unwrap_or(default_cost)
+            .max(0);
         let per_1k = chatflow.and_then(|c| c.credits_per_1k_tokens);
         let hold = match per_1k {
             Some(_) => chatflow.and_then(|c| c.max_hold).unwrap_or(flat.max(1)),
@@ -138,7 +141,9 @@ impl Ledger {
         let id = Uuid::now_v7();
         match sql::place_hold(&self.db, id, request_id, user_id, chatflow_id, price.hold).await {
             Ok(Some(available_after)) => {
-                crate::metrics::CREDITS.with_label_values(&["held"]).inc_by(price.hold as u64);
+                crate::metrics::CREDITS
+                    .with_label_values(&["held"])
+                    .inc_by(price.hold as u64);
                 Ok(Admission::Held(Hold {
                     id,
                     price,
@@ -150,7 +155,9 @@ impl Ledger {
                 Ok(Admission::Insufficient)
             }
             Err(e) => {
-                crate::metrics::LEDGER_ERRORS.with_label_values(&["hold"]).inc();
+                crate::metrics::LEDGER_ERRORS
+                    .with_label_values(&["hold"])
+                    .inc();
                 Err(e)
             }
         }
@@ -202,8 +209,13 @@ impl Ledger {
                     crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
                 }
                 Err(e) => {
-                    crate::metrics::LEDGER_ERRORS.with_label_values(&["settle"]).inc();
-                    log::warn!("settlement batch of {} failed, will retry: {e}", batch.len());
+                    crate::metrics::LEDGER_ERRORS
+                        .with_label_values(&["settle"])
+                        .inc();
+                    log::warn!(
+                        "settlement batch of {} failed, will retry: {e}",
+                        batch.len()
+                    );
                     {
                         let mut q = self.queue.lock();
                         for job in batch.into_iter().rev() {
@@ -222,7 +234,9 @@ impl Ledger {
     async fn write_batch(&self, batch: &[Job]) -> Result<(), StoreError> {
         let c = self.db.get().await?;
         let results = futures::future::join_all(
-            batch.iter().map(|j| sql::settle(&c, j.hold_id, j.kind, j.amount)),
+            batch
+                .iter()
+                .map(|j| sql::settle(&c, j.hold_id, j.kind, j.amount)),
         )
         .await;
         for (job, r) in batch.iter().zip(results) {
@@ -232,7 +246,9 @@ impl Ledger {
                 _ => "voided",
             };
             if let Some(kept) = kept {
-                crate::metrics::CREDITS.with_label_values(&[label]).inc_by(kept as u64);
+                crate::metrics::CREDITS
+                    .with_label_values(&[label])
+                    .inc_by(kept as u64);
             }
             crate::metrics::SETTLEMENT_LAG_SECONDS
                 .with_label_values(&[label])
@@ -260,12 +276,16 @@ impl Ledger {
             tokio::time::sleep(every).await;
             match sql::expire_stale(&self.db, ttl.as_secs_f64()).await {
                 Ok((n, credits)) if n > 0 => {
-                    crate::metrics::CREDITS.with_label_values(&["expired"]).inc_by(credits as u64);
+                    crate::metrics::CREDITS
+                        .with_label_values(&["expired"])
+                        .inc_by(credits as u64);
                     log::warn!("sweeper expired {n} stale holds ({credits} credits released)");
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    crate::metrics::LEDGER_ERRORS.with_label_values(&["sweep"]).inc();
+                    crate::metrics::LEDGER_ERRORS
+                        .with_label_values(&["sweep"])
+                        .inc();
                     log::warn!("sweeper failed: {e}");
                 }
             }

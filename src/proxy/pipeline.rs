@@ -36,7 +36,11 @@ pub async fn request_filter(app: &App, session: &mut Session, ctx: &mut Ctx) -> 
 fn begin(session: &Session, ctx: &mut Ctx) {
     let req = session.req_header();
     ctx.method = req.method.as_str().to_string();
-    ctx.query = req.uri.query().filter(|q| q.len() <= 4096).map(str::to_string);
+    ctx.query = req
+        .uri
+        .query()
+        .filter(|q| q.len() <= 4096)
+        .map(str::to_string);
     ctx.route = Route::resolve(req.method.as_str(), req.uri.path());
     ctx.request_id = req
         .headers
@@ -62,13 +66,16 @@ fn begin(session: &Session, ctx: &mut Ctx) {
 fn sane_request_id(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 128
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, ApiError> {
     match ctx.route {
         Route::CorsPreflight => {
-            respond::preflight(session, app, ctx).await.map_err(|_| ApiError::internal())?;
+            respond::preflight(session, app, ctx)
+                .await
+                .map_err(|_| ApiError::internal())?;
             return Ok(Next::Done);
         }
         Route::NotFound => return Err(ApiError::not_found()),
@@ -78,11 +85,17 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
 
     let access = ctx.route.access();
     if access != Access::Anyone {
-        let header = session.req_header().headers.get("authorization").map(|v| v.as_bytes());
+        let header = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .map(|v| v.as_bytes());
         match app.auth.authenticate(header) {
             Ok(id) => ctx.identity = Some(id),
             Err(f) => {
-                crate::metrics::AUTH_FAILURES.with_label_values(&[f.label()]).inc();
+                crate::metrics::AUTH_FAILURES
+                    .with_label_values(&[f.label()])
+                    .inc();
                 return Err(f.api_error());
             }
         }
@@ -148,8 +161,7 @@ pub fn check_chatflow_access(app: &App, ctx: &Ctx, chatflow_id: &str) -> Result<
 fn has_body(session: &Session) -> bool {
     let h = &session.req_header().headers;
     h.get("transfer-encoding").is_some()
-        || h
-            .get("content-length")
+        || h.get("content-length")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim() != "0")
 }
@@ -166,15 +178,25 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
         .map(|v| v.trim().parse::<usize>());
     match declared {
         Some(Ok(n)) if n > limit => return Err(ApiError::body_too_large()),
-        Some(Err(_)) => return Err(ApiError::new(400, "invalid_request", "Invalid Content-Length")),
+        Some(Err(_)) => {
+            return Err(ApiError::new(
+                400,
+                "invalid_request",
+                "Invalid Content-Length",
+            ))
+        }
         _ => {}
     }
     let mut buf = BytesMut::new();
     loop {
         let chunk = tokio::time::timeout(Duration::from_secs(60), session.read_request_body())
             .await
-            .map_err(|_| ApiError::new(408, "request_timeout", "Request body not received in time"))?
-            .map_err(|_| ApiError::new(400, "invalid_request", "Could not read the request body"))?;
+            .map_err(|_| {
+                ApiError::new(408, "request_timeout", "Request body not received in time")
+            })?
+            .map_err(|_| {
+                ApiError::new(400, "invalid_request", "Could not read the request body")
+            })?;
         match chunk {
             Some(c) => {
                 if buf.len() + c.len() > limit {
@@ -193,7 +215,10 @@ pub fn rewrite_pass_through(_app: &App, req: &mut RequestHeader, ctx: &Ctx) -> R
     if let (Route::FlowiseChatMessage(_), Some(session_id)) = (&ctx.route, &ctx.forced_session) {
         let path = req.uri.path().to_string();
         let uri = format!("{path}?chatId={}", urlencode(session_id));
-        req.set_uri(uri.parse().map_err(|_| Error::new_str("bad rewritten uri"))?);
+        req.set_uri(
+            uri.parse()
+                .map_err(|_| Error::new_str("bad rewritten uri"))?,
+        );
     }
     Ok(())
 }
@@ -214,7 +239,11 @@ pub fn finish(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
     let route = ctx.route.name();
     let elapsed = ctx.started.elapsed();
     crate::metrics::REQUESTS
-        .with_label_values(&[route, method_label(&ctx.method), crate::metrics::status_class(status)])
+        .with_label_values(&[
+            route,
+            method_label(&ctx.method),
+            crate::metrics::status_class(status),
+        ])
         .inc();
     crate::metrics::REQUEST_SECONDS
         .with_label_values(&[route])

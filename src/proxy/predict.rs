@@ -37,7 +37,11 @@ pub async fn run(session: &mut Session, app: &App, ctx: &mut Ctx) -> Result<(), 
 
     // The conversation must be the caller's (or new): refused before any charge.
     if let Some(conv) = &conversation {
-        match app.sessions.claim(&app.db, conv, who.user_id, &chatflow_id).await {
+        match app
+            .sessions
+            .claim(&app.db, conv, who.user_id, &chatflow_id)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => return Err(ApiError::forbidden()),
             Err(_) => return Err(ApiError::ledger_unavailable()),
@@ -60,17 +64,22 @@ pub async fn run(session: &mut Session, app: &App, ctx: &mut Ctx) -> Result<(), 
     }
 
     let path = format!("/api/v1/prediction/{chatflow_id}");
-    let mut req = RequestHeader::build("POST", path.as_bytes(), None).map_err(|_| ApiError::internal())?;
+    let mut req =
+        RequestHeader::build("POST", path.as_bytes(), None).map_err(|_| ApiError::internal())?;
     req.insert_header("Content-Type", "application/json")
         .map_err(|_| ApiError::internal())?;
-    req.insert_header("Accept", accept_of(session)).map_err(|_| ApiError::internal())?;
+    req.insert_header("Accept", accept_of(session))
+        .map_err(|_| ApiError::internal())?;
     relay::relay(session, app, ctx, req, upstream_body).await?;
 
     // A conversation Flowise started: bind it to its owner.
     if conversation.is_none() {
         if let Some(learned) = ctx.upstream.seen.session_id.clone() {
             if valid_session_id(&learned) {
-                let _ = app.sessions.claim(&app.db, &learned, who.user_id, &chatflow_id).await;
+                let _ = app
+                    .sessions
+                    .claim(&app.db, &learned, who.user_id, &chatflow_id)
+                    .await;
             }
         }
     }
@@ -119,7 +128,9 @@ fn conversation_id(v: &Map<String, Value>) -> Result<Option<String>, ApiError> {
             Value::String(s) if s.is_empty() => {}
             Value::String(s) if valid_session_id(s) => match &found {
                 Some(f) if f != s => {
-                    return Err(ApiError::validation("chatId and sessionId name different conversations"))
+                    return Err(ApiError::validation(
+                        "chatId and sessionId name different conversations",
+                    ))
                 }
                 _ => found = Some(s.clone()),
             },

@@ -77,7 +77,11 @@ pub async fn relay(
         }
         let _ = h.insert_header("Content-Length", body.len().to_string());
         ctx.status = Some(status);
-        if session.write_response_header(Box::new(h), false).await.is_ok() {
+        if session
+            .write_response_header(Box::new(h), false)
+            .await
+            .is_ok()
+        {
             let _ = session.write_response_body(Some(body), true).await;
         }
     }
@@ -100,12 +104,19 @@ async fn stream_back(
     ctx.status = Some(h.status.as_u16());
     crate::metrics::IN_FLIGHT_STREAMS.inc();
     let mut observer = StreamObserver::default();
-    let mut client_ok = session.write_response_header(Box::new(h), false).await.is_ok();
+    let mut client_ok = session
+        .write_response_header(Box::new(h), false)
+        .await
+        .is_ok();
     while client_ok {
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 observer.feed(&chunk);
-                if session.write_response_body(Some(chunk), false).await.is_err() {
+                if session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .is_err()
+                {
                     client_ok = false;
                 }
             }

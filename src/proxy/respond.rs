@@ -69,11 +69,18 @@ pub async fn json(
     decorate(app, ctx, &mut h);
     ctx.status = Some(status);
     session.write_response_header(Box::new(h), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
     Ok(())
 }
 
-pub async fn error(session: &mut Session, app: &App, ctx: &mut Ctx, e: &ApiError) -> pingora_core::Result<()> {
+pub async fn error(
+    session: &mut Session,
+    app: &App,
+    ctx: &mut Ctx,
+    e: &ApiError,
+) -> pingora_core::Result<()> {
     let mut extra = Vec::new();
     if let Some(s) = e.retry_after {
         extra.push(("Retry-After", s.to_string()));
@@ -85,15 +92,25 @@ pub async fn error(session: &mut Session, app: &App, ctx: &mut Ctx, e: &ApiError
 }
 
 /// CORS preflight: 204 for allowed origins, 403 otherwise.
-pub async fn preflight(session: &mut Session, app: &App, ctx: &mut Ctx) -> pingora_core::Result<()> {
+pub async fn preflight(
+    session: &mut Session,
+    app: &App,
+    ctx: &mut Ctx,
+) -> pingora_core::Result<()> {
     let origin_ok = ctx.origin.as_deref().is_some_and(|o| {
-        app.cfg.cors_allowed_origins.iter().any(|a| a == o || a == "*")
+        app.cfg
+            .cors_allowed_origins
+            .iter()
+            .any(|a| a == o || a == "*")
     });
     if !origin_ok {
         return error(session, app, ctx, &ApiError::forbidden()).await;
     }
     let mut h = ResponseHeader::build(204, Some(6))?;
-    h.insert_header("Access-Control-Allow-Methods", "GET,HEAD,PUT,PATCH,POST,DELETE")?;
+    h.insert_header(
+        "Access-Control-Allow-Methods",
+        "GET,HEAD,PUT,PATCH,POST,DELETE",
+    )?;
     let req_headers = session
         .req_header()
         .headers

@@ -71,7 +71,8 @@ pub enum AdminRoute {
 fn id_segment(s: &str) -> Option<String> {
     let ok = !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && s != "."
         && s != "..";
     ok.then(|| s.to_string())
@@ -83,7 +84,11 @@ impl Route {
         if method == "OPTIONS" {
             return Route::CorsPreflight;
         }
-        let trimmed = if path.len() > 1 { path.trim_end_matches('/') } else { path };
+        let trimmed = if path.len() > 1 {
+            path.trim_end_matches('/')
+        } else {
+            path
+        };
         let segs: Vec<&str> = trimmed.split('/').skip(1).collect();
         let get = method == "GET" || method == "HEAD";
         let post = method == "POST";
@@ -211,8 +216,15 @@ impl Route {
     pub fn access(&self) -> Access {
         use Route::*;
         match self {
-            Root | Health | Info | Authenticate | Refresh | CorsPreflight | NotFound
-            | MethodNotAllowed | FlowiseChatflowStreaming(_) => Access::Anyone,
+            Root
+            | Health
+            | Info
+            | Authenticate
+            | Refresh
+            | CorsPreflight
+            | NotFound
+            | MethodNotAllowed
+            | FlowiseChatflowStreaming(_) => Access::Anyone,
             Admin(_) | FlowiseOther => Access::Admin,
             _ => Access::User,
         }
@@ -222,10 +234,13 @@ impl Route {
     pub fn chatflow(&self) -> Option<&str> {
         use Route::*;
         match self {
-            Chatflow(id) | ChatflowConfig(id) | FlowisePrediction(id) | FlowiseChatflow(id)
-            | FlowiseChatbotConfig(id) | FlowiseChatMessage(id) | FlowiseAttachments(id, _) => {
-                Some(id)
-            }
+            Chatflow(id)
+            | ChatflowConfig(id)
+            | FlowisePrediction(id)
+            | FlowiseChatflow(id)
+            | FlowiseChatbotConfig(id)
+            | FlowiseChatMessage(id)
+            | FlowiseAttachments(id, _) => Some(id),
             _ => None,
         }
     }
@@ -321,17 +336,32 @@ mod tests {
             Route::resolve("POST", "/api/v1/prediction/abc-1"),
             Route::FlowisePrediction("abc-1".into())
         );
-        assert_eq!(Route::resolve("GET", "/api/v1/anything/else"), Route::FlowiseOther);
-        assert_eq!(Route::resolve("POST", "/api/v1/prediction/"), Route::FlowiseOther);
-        assert_eq!(Route::resolve("GET", "/chatflows/..%2f/config"), Route::NotFound);
+        assert_eq!(
+            Route::resolve("GET", "/api/v1/anything/else"),
+            Route::FlowiseOther
+        );
+        assert_eq!(
+            Route::resolve("POST", "/api/v1/prediction/"),
+            Route::FlowiseOther
+        );
+        assert_eq!(
+            Route::resolve("GET", "/chatflows/..%2f/config"),
+            Route::NotFound
+        );
         assert_eq!(
             Route::resolve("DELETE", "/admin/users/7"),
             Route::Admin(AdminRoute::DeleteUser(7))
         );
-        assert_eq!(Route::resolve("PUT", "/admin/users/7"), Route::MethodNotAllowed);
+        assert_eq!(
+            Route::resolve("PUT", "/admin/users/7"),
+            Route::MethodNotAllowed
+        );
         assert_eq!(Route::resolve("GET", "/admin/users/x"), Route::NotFound);
         assert_eq!(Route::resolve("GET", "/nope"), Route::NotFound);
         assert_eq!(Route::FlowiseOther.access(), Access::Admin);
-        assert_eq!(Route::FlowiseChatflowStreaming("x".into()).access(), Access::Anyone);
+        assert_eq!(
+            Route::FlowiseChatflowStreaming("x".into()).access(),
+            Access::Anyone
+        );
     }
 }

@@ -14,7 +14,8 @@ pub struct ChatflowRow {
     pub max_hold: Option<i64>,
 }
 
-const COLS: &str = "id, name, category, deployed, deleted, credit_cost, credits_per_1k_tokens, max_hold";
+const COLS: &str =
+    "id, name, category, deployed, deleted, credit_cost, credits_per_1k_tokens, max_hold";
 
 fn row(r: &tokio_postgres::Row) -> ChatflowRow {
     ChatflowRow {
@@ -30,7 +31,12 @@ fn row(r: &tokio_postgres::Row) -> ChatflowRow {
 }
 
 pub async fn all_in(c: &impl deadpool_postgres::GenericClient) -> StoreResult<Vec<ChatflowRow>> {
-    let rows = c.query(&format!("SELECT {COLS} FROM chatflows ORDER BY name, id"), &[]).await?;
+    let rows = c
+        .query(
+            &format!("SELECT {COLS} FROM chatflows ORDER BY name, id"),
+            &[],
+        )
+        .await?;
     Ok(rows.iter().map(row).collect())
 }
 
@@ -53,7 +59,8 @@ pub struct SyncedChatflow {
 pub async fn sync(db: &Db, flows: &[SyncedChatflow]) -> StoreResult<(u64, u64)> {
     let mut c = db.get().await?;
     let tx = c.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(7172034)", &[]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7172034)", &[])
+        .await?;
     let mut upserted = 0;
     let ids: Vec<&str> = flows.iter().map(|f| f.id.as_str()).collect();
     for f in flows {

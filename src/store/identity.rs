@@ -52,7 +52,8 @@ pub async fn create_user(
             other => other,
         })?;
     let user = user_row(&row);
-    tx.execute("INSERT INTO accounts (user_id) VALUES ($1)", &[&user.id]).await?;
+    tx.execute("INSERT INTO accounts (user_id) VALUES ($1)", &[&user.id])
+        .await?;
     tx.commit().await?;
     Ok(user)
 }
@@ -71,7 +72,10 @@ pub async fn list_users(db: &Db, limit: i64, offset: i64) -> StoreResult<Vec<Use
 pub async fn get_user(db: &Db, id: i64) -> StoreResult<UserRow> {
     let c = db.get().await?;
     let row = c
-        .query_opt(&format!("SELECT {USER_COLS} FROM users WHERE id = $1"), &[&id])
+        .query_opt(
+            &format!("SELECT {USER_COLS} FROM users WHERE id = $1"),
+            &[&id],
+        )
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(user_row(&row))
@@ -80,7 +84,10 @@ pub async fn get_user(db: &Db, id: i64) -> StoreResult<UserRow> {
 pub async fn find_user_by_name(db: &Db, username: &str) -> StoreResult<Option<UserRow>> {
     let c = db.get().await?;
     let row = c
-        .query_opt(&format!("SELECT {USER_COLS} FROM users WHERE username = $1"), &[&username])
+        .query_opt(
+            &format!("SELECT {USER_COLS} FROM users WHERE username = $1"),
+            &[&username],
+        )
         .await?;
     Ok(row.as_ref().map(user_row))
 }
@@ -348,19 +355,28 @@ pub async fn load_snapshot(db: &Db) -> StoreResult<SnapshotRows> {
         .start()
         .await?;
     let users = tx
-        .query("SELECT id, username, role, active, tokens_valid_after FROM users", &[])
+        .query(
+            "SELECT id, username, role, active, tokens_valid_after FROM users",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
         .collect();
     let api_keys = tx
-        .query("SELECT id, user_id, prefix, secret_hash FROM api_keys WHERE revoked_at IS NULL", &[])
+        .query(
+            "SELECT id, user_id, prefix, secret_hash FROM api_keys WHERE revoked_at IS NULL",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     let revoked = tx
-        .query("SELECT jti FROM revoked_tokens WHERE expires_at > now()", &[])
+        .query(
+            "SELECT jti FROM revoked_tokens WHERE expires_at > now()",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -385,6 +401,9 @@ pub async fn load_snapshot(db: &Db) -> StoreResult<SnapshotRows> {
 /// Forgets revocations of tokens that have expired anyway.
 pub async fn prune_revoked(db: &Db) -> StoreResult<u64> {
     let c = db.get().await?;
-    Ok(c.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'", &[])
-        .await?)
+    Ok(c.execute(
+        "DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'",
+        &[],
+    )
+    .await?)
 }

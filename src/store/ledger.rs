@@ -36,7 +36,10 @@ pub async fn place_hold(
         )
         .await?;
     let row = c
-        .query_opt(&stmt, &[&hold_id, &request_id, &user_id, &amount, &chatflow_id])
+        .query_opt(
+            &stmt,
+            &[&hold_id, &request_id, &user_id, &amount, &chatflow_id],
+        )
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
@@ -88,9 +91,16 @@ pub async fn settle(
              SELECT kept FROM h",
         )
         .await?;
-    let capture = if kind == SettleKind::Capture { capture.max(0) } else { 0 };
+    let capture = if kind == SettleKind::Capture {
+        capture.max(0)
+    } else {
+        0
+    };
     let row = c
-        .query_opt(&stmt, &[&hold_id, &kind.state(), &capture, &kind.ledger_kind()])
+        .query_opt(
+            &stmt,
+            &[&hold_id, &kind.state(), &capture, &kind.ledger_kind()],
+        )
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
@@ -125,9 +135,13 @@ pub async fn expire_stale(db: &Db, ttl_seconds: f64) -> StoreResult<(i64, i64)> 
 }
 
 pub enum Adjusted {
-    Applied { available: i64 },
+    Applied {
+        available: i64,
+    },
     /// The idempotency key was used before: nothing changed.
-    Replayed { available: i64 },
+    Replayed {
+        available: i64,
+    },
 }
 
 /// A top-up (`grant`) or correction (`adjust`), idempotent by key.
@@ -156,7 +170,9 @@ pub async fn adjust(
         )
         .await;
     match row {
-        Ok(Some(r)) => Ok(Adjusted::Applied { available: r.get(0) }),
+        Ok(Some(r)) => Ok(Adjusted::Applied {
+            available: r.get(0),
+        }),
         Ok(None) => {
             let (available, _) = balance(db, user_id).await?.ok_or(StoreError::NotFound)?;
             Ok(Adjusted::Replayed { available })
@@ -165,7 +181,9 @@ pub async fn adjust(
             if e.as_db_error().map(|d| d.code())
                 == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) =>
         {
-            Err(StoreError::Conflict("the balance cannot go below zero".into()))
+            Err(StoreError::Conflict(
+                "the balance cannot go below zero".into(),
+            ))
         }
         Err(e) => Err(e.into()),
     }
@@ -181,7 +199,12 @@ pub async fn balance(db: &Db, user_id: i64) -> StoreResult<Option<(i64, i64)>> {
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
-pub async fn ledger_page(db: &Db, user_id: i64, limit: i64, offset: i64) -> StoreResult<Vec<Value>> {
+pub async fn ledger_page(
+    db: &Db,
+    user_id: i64,
+    limit: i64,
+    offset: i64,
+) -> StoreResult<Vec<Value>> {
     let c = db.get().await?;
     let rows = c
         .query(

@@ -9,7 +9,9 @@ pub mod sessions;
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts,
+};
 use tokio_postgres::NoTls;
 
 mod embedded {
@@ -40,7 +42,9 @@ impl From<tokio_postgres::Error> for StoreError {
                 return StoreError::NotFound;
             }
         }
-        crate::metrics::DB_ERRORS.with_label_values(&["query"]).inc();
+        crate::metrics::DB_ERRORS
+            .with_label_values(&["query"])
+            .inc();
         StoreError::Unavailable(e.to_string())
     }
 }
@@ -57,7 +61,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Builds the pool without touching the network: connections open lazily, inside
 /// Pingora's runtimes (a runtime here would clash with Pingora's own).
 pub fn build_pool(url: &str, size: usize) -> Result<Pool, String> {
-    let mut pg: tokio_postgres::Config = url.parse().map_err(|_| "DATABASE_URL: not a valid PostgreSQL URL".to_string())?;
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| "DATABASE_URL: not a valid PostgreSQL URL".to_string())?;
     pg.connect_timeout(Duration::from_secs(3));
     pg.application_name("flowise-proxy");
     let mgr = Manager::from_config(
@@ -128,9 +134,11 @@ fn short_pg_error(e: &tokio_postgres::Error) -> String {
 /// Applies `migrations/` (numbered plain SQL, each once, each in its own
 /// transaction). An advisory lock serialises instances that start together.
 pub async fn migrate(url: &str) -> Result<Vec<String>, String> {
-    let mut client = connect(url).await.map_err(|e| format!("migrate: {}", short_pg_error(&e)))?;
+    let mut client = connect(url)
+        .await
+        .map_err(|e| format!("migrate: {}", short_pg_error(&e)))?;
     // Arbitrary constant shared by every flowise-proxy instance.
-    const LOCK: i64 = 0x666c_6f77_6973_65;
+    const LOCK: i64 = 0x0066_6c6f_7769_7365;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&LOCK])
         .await
@@ -139,7 +147,9 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, String> {
         .set_migration_table_name("flowise_proxy_migrations")
         .run_async(&mut client)
         .await;
-    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK]).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
+        .await;
     let report = result.map_err(|e| format!("migrate: {e}"))?;
     Ok(report
         .applied_migrations()
@@ -151,10 +161,18 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, String> {
 /// Publishes pool usage to the metrics.
 pub fn record_pool_metrics(pool: &Pool) {
     let s = pool.status();
-    crate::metrics::DB_POOL.with_label_values(&["size"]).set(s.size as i64);
-    crate::metrics::DB_POOL.with_label_values(&["available"]).set(s.available as i64);
-    crate::metrics::DB_POOL.with_label_values(&["waiting"]).set(s.waiting as i64);
-    crate::metrics::DB_POOL.with_label_values(&["max"]).set(s.max_size as i64);
+    crate::metrics::DB_POOL
+        .with_label_values(&["size"])
+        .set(s.size as i64);
+    crate::metrics::DB_POOL
+        .with_label_values(&["available"])
+        .set(s.available as i64);
+    crate::metrics::DB_POOL
+        .with_label_values(&["waiting"])
+        .set(s.waiting as i64);
+    crate::metrics::DB_POOL
+        .with_label_values(&["max"])
+        .set(s.max_size as i64);
 }
 
 /// Cheap liveness probe used by `/health`.

@@ -7,7 +7,12 @@ use super::{Db, StoreResult};
 
 /// Binds `session_id` to the user unless it is bound already; returns the owner
 /// (user, chatflow) either way, in one statement.
-pub async fn bind(db: &Db, session_id: &str, user_id: i64, chatflow_id: &str) -> StoreResult<(i64, String)> {
+pub async fn bind(
+    db: &Db,
+    session_id: &str,
+    user_id: i64,
+    chatflow_id: &str,
+) -> StoreResult<(i64, String)> {
     let c = db.get().await?;
     let stmt = c
         .prepare_cached(
@@ -17,12 +22,18 @@ pub async fn bind(db: &Db, session_id: &str, user_id: i64, chatflow_id: &str) ->
              RETURNING user_id, chatflow_id",
         )
         .await?;
-    match c.query_opt(&stmt, &[&session_id, &user_id, &chatflow_id]).await? {
+    match c
+        .query_opt(&stmt, &[&session_id, &user_id, &chatflow_id])
+        .await?
+    {
         Some(r) => Ok((r.get(0), r.get(1))),
         None => {
             // Bound to someone else (the conflict update did not apply).
             let r = c
-                .query_one("SELECT user_id, chatflow_id FROM sessions WHERE session_id = $1", &[&session_id])
+                .query_one(
+                    "SELECT user_id, chatflow_id FROM sessions WHERE session_id = $1",
+                    &[&session_id],
+                )
                 .await?;
             Ok((r.get(0), r.get(1)))
         }
@@ -32,7 +43,10 @@ pub async fn bind(db: &Db, session_id: &str, user_id: i64, chatflow_id: &str) ->
 pub async fn owner(db: &Db, session_id: &str) -> StoreResult<Option<(i64, String)>> {
     let c = db.get().await?;
     let r = c
-        .query_opt("SELECT user_id, chatflow_id FROM sessions WHERE session_id = $1", &[&session_id])
+        .query_opt(
+            "SELECT user_id, chatflow_id FROM sessions WHERE session_id = $1",
+            &[&session_id],
+        )
         .await?;
     Ok(r.map(|r| (r.get(0), r.get(1))))
 }
@@ -58,7 +72,10 @@ pub async fn list(db: &Db, user_id: i64, limit: i64, offset: i64) -> StoreResult
 
 pub async fn delete(db: &Db, session_id: &str, user_id: i64) -> StoreResult<bool> {
     let c = db.get().await?;
-    Ok(c.execute("DELETE FROM sessions WHERE session_id = $1 AND user_id = $2", &[&session_id, &user_id])
-        .await?
+    Ok(c.execute(
+        "DELETE FROM sessions WHERE session_id = $1 AND user_id = $2",
+        &[&session_id, &user_id],
+    )
+    .await?
         > 0)
 }

@@ -104,7 +104,9 @@ impl Upstreams {
                 .get_http_session(&chosen.peer)
                 .await
                 .map_err(|e| {
-                    crate::metrics::UPSTREAM_ERRORS.with_label_values(&["connect"]).inc();
+                    crate::metrics::UPSTREAM_ERRORS
+                        .with_label_values(&["connect"])
+                        .inc();
                     UpstreamFailure::from_error(&e)
                 })?;
             session.set_read_timeout(chosen.peer.options.read_timeout);
@@ -130,7 +132,9 @@ impl Upstreams {
                 Err(e) if reused && attempt == 1 && is_stale_connection(&e) => continue,
                 Err(e) => {
                     let f = UpstreamFailure::from_error(&e);
-                    crate::metrics::UPSTREAM_ERRORS.with_label_values(&[f.label()]).inc();
+                    crate::metrics::UPSTREAM_ERRORS
+                        .with_label_values(&[f.label()])
+                        .inc();
                     return Err(f);
                 }
             }
@@ -138,7 +142,11 @@ impl Upstreams {
     }
 }
 
-async fn exchange(session: &mut ClientSession, req: &RequestHeader, body: &Bytes) -> pingora_core::Result<()> {
+async fn exchange(
+    session: &mut ClientSession,
+    req: &RequestHeader,
+    body: &Bytes,
+) -> pingora_core::Result<()> {
     session.write_request_header(Box::new(req.clone())).await?;
     if !body.is_empty() {
         session.write_request_body(body.clone(), true).await?;
@@ -178,7 +186,9 @@ impl UpstreamResponse<'_> {
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamFailure> {
         self.session.read_response_body().await.map_err(|e| {
             let f = UpstreamFailure::from_error(&e);
-            crate::metrics::UPSTREAM_ERRORS.with_label_values(&[f.label()]).inc();
+            crate::metrics::UPSTREAM_ERRORS
+                .with_label_values(&[f.label()])
+                .inc();
             f
         })
     }

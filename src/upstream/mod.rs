@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pingora_core::services::background::{background_service, GenBackgroundService};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
-use pingora_core::services::background::{background_service, GenBackgroundService};
 use pingora_load_balancing::{health_check::HttpHealthCheck, selection::RoundRobin, LoadBalancer};
 
 pub type HealthService = GenBackgroundService<LoadBalancer<RoundRobin>>;
@@ -69,7 +69,6 @@ pub struct Upstreams {
 pub struct Chosen<'a> {
     pub peer: HttpPeer,
     pub server: &'a FlowiseUrl,
-    pub index: usize,
 }
 
 impl Upstreams {
@@ -138,7 +137,6 @@ impl Upstreams {
         Some(Chosen {
             peer,
             server: &self.servers[index],
-            index,
         })
     }
 

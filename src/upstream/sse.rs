@@ -80,7 +80,10 @@ impl Observation {
     fn add_usage(&mut self, u: &Value) {
         let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
         let (i, o) = (get("input_tokens"), get("output_tokens"));
-        let t = u.get("total_tokens").and_then(Value::as_u64).unwrap_or(i + o);
+        let t = u
+            .get("total_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(i + o);
         self.input_tokens = self.input_tokens.saturating_add(i);
         self.output_tokens = self.output_tokens.saturating_add(o);
         self.total_tokens = self.total_tokens.saturating_add(t);

@@ -97,7 +97,10 @@ impl World {
     pub async fn balance(&self, user_id: i64) -> (i64, i64) {
         let c = self.db.client().await;
         let r = c
-            .query_one("SELECT available, held FROM accounts WHERE user_id = $1", &[&user_id])
+            .query_one(
+                "SELECT available, held FROM accounts WHERE user_id = $1",
+                &[&user_id],
+            )
             .await
             .expect("balance");
         (r.get(0), r.get(1))
@@ -115,7 +118,10 @@ impl World {
             if b.1 == 0 {
                 return b;
             }
-            assert!(std::time::Instant::now() < deadline, "holds never settled: {b:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "holds never settled: {b:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -134,7 +140,10 @@ impl World {
             if r.status() == 200 {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "grant never took effect");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "grant never took effect"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -175,7 +184,11 @@ pub fn add_user(db_url: &str, name: &str, role: &str, credits: i64) -> i64 {
         Some(&format!("{}\n", password_of(name))),
     );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "user add failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "user add failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // "created user NAME (id N, role R)"
     text.split("(id ")
         .nth(1)
