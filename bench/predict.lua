@@ -1,6 +1,10 @@
 -- wrk script for bench/predict.sh.
 -- Environment (read once per wrk thread):
---   BENCH_MODE     ping | predict
+--   BENCH_MODE     ping | anon | predict
+--                  ping: GET /api/v1/ping with a bearer token (authenticated
+--                  pass-through); anon: GET /api/v1/chatflows-streaming/{id}
+--                  without a token (unauthenticated pass-through, the same
+--                  size of answer); predict: debited POST /api/v1/prediction/{id}
 --   BENCH_TOKENS   file with one bearer token per line
 --   BENCH_HOT      1 = use only the first token (one hot user)
 --   BENCH_CHATFLOW chatflow id for predict mode
@@ -40,12 +44,17 @@ function init(args)
   i = ((thread_index or 1) * 7919) % #tokens
   if mode == "predict" then
     path = "/api/v1/prediction/" .. chatflow
+  elseif mode == "anon" then
+    path = "/api/v1/chatflows-streaming/" .. chatflow
   else
     path = "/api/v1/ping"
   end
 end
 
 function request()
+  if mode == "anon" then
+    return wrk.format("GET", path, {}, nil)
+  end
   i = i % #tokens + 1
   local headers = { ["Authorization"] = "Bearer " .. tokens[i] }
   if mode == "predict" then
@@ -59,7 +68,7 @@ function done(summary, latency, requests)
   local secs = summary.duration / 1e6
   io.write(string.format(
     "RESULT mode=%s users=%s requests=%d req_per_s=%.0f p50_ms=%.2f p99_ms=%.2f errors=%d non2xx=%d\n",
-    mode, hot and "1(hot)" or tostring(#tokens), summary.requests, summary.requests / secs,
+    mode, mode == "anon" and "0" or (hot and "1(hot)" or tostring(#tokens)), summary.requests, summary.requests / secs,
     latency:percentile(50) / 1000, latency:percentile(99) / 1000,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     summary.errors.status))

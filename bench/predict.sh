@@ -3,7 +3,8 @@
 #
 #   bash bench/predict.sh PROXY_URL CHATFLOW_ID TOKENS_FILE
 #
-# Runs four measurements against PROXY_URL (e.g. http://127.0.0.1:8000):
+# Runs five measurements against PROXY_URL (e.g. http://127.0.0.1:8000):
+#   anon          unauthenticated pass-through GET /api/v1/chatflows-streaming/ID
 #   ping-many     authenticated pass-through GET /api/v1/ping, tokens rotating
 #   ping-hot      the same, one user
 #   predict-many  debited POST /api/v1/prediction/CHATFLOW_ID, tokens rotating
@@ -12,12 +13,13 @@
 # and prints req/s, p50 and p99 for each. See bench/README.md for the setup.
 #
 # Tunables (environment): DURATION (default 20s), CONNECTIONS (64),
-# THREADS (2), WARMUP (3s), ONLY (space list of the cases above).
+# THREADS (2), WARMUP (3s), ONLY (space list of the cases above), PROXY_PID
+# (when set, also prints the proxy's CPU time per request).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 if [ $# -ne 3 ]; then
-    sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 URL="${1%/}"
@@ -27,7 +29,7 @@ DURATION="${DURATION:-20s}"
 CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
 WARMUP="${WARMUP:-3s}"
-ONLY="${ONLY:-ping-many ping-hot predict-many predict-hot}"
+ONLY="${ONLY:-anon ping-many ping-hot predict-many predict-hot}"
 
 [ -s "$TOKENS" ] || { echo "bench: token file $TOKENS is missing or empty" >&2; exit 2; }
 
@@ -51,17 +53,34 @@ if [ "$code" != "200" ]; then
 fi
 echo "bench: $(grep -c . "$TOKENS") tokens; $THREADS threads, $CONNECTIONS connections, $DURATION per case" >&2
 
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { # pid
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
 run_case() { # name mode hot
     local name="$1" mode="$2" hot="$3"
     export BENCH_MODE="$mode" BENCH_TOKENS="$TOKENS" BENCH_HOT="$hot" BENCH_CHATFLOW="$CHATFLOW"
     wrk -t "$THREADS" -c "$CONNECTIONS" -d "$WARMUP" -s "$HERE/predict.lua" "$URL" >/dev/null
-    local out
+    local out result before=0 after=0 cpu=""
+    if [ -n "${PROXY_PID:-}" ]; then before="$(cpu_ticks "$PROXY_PID")"; fi
     out="$(wrk -t "$THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency -s "$HERE/predict.lua" "$URL")"
-    printf '%-13s %s\n' "$name" "$(grep '^RESULT' <<<"$out" | head -n 1 | sed 's/^RESULT //')"
+    if [ -n "${PROXY_PID:-}" ]; then after="$(cpu_ticks "$PROXY_PID")"; fi
+    result="$(grep '^RESULT' <<<"$out" | head -n 1 | sed 's/^RESULT //')"
+    if [ -n "${PROXY_PID:-}" ]; then
+        # Proxy CPU per request, in microseconds (includes its background
+        # work during the run: settlement batches, health checks).
+        local requests
+        requests="$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$result")"
+        cpu="$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" \
+            'BEGIN { if (n > 0) printf " proxy_cpu_us_per_req=%.1f", t * 1e6 / hz / n }')"
+    fi
+    printf '%-13s %s%s\n' "$name" "$result" "$cpu"
 }
 
 for c in $ONLY; do
     case "$c" in
+        anon) run_case anon anon 0 ;;
         ping-many) run_case ping-many ping 0 ;;
         ping-hot) run_case ping-hot ping 1 ;;
         predict-many) run_case predict-many predict 0 ;;

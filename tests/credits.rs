@@ -176,10 +176,10 @@ async fn successes_are_charged_once() {
         .json()
         .await
         .expect("json");
-    assert_eq!(
-        credits["credits"].as_i64().unwrap_or(-1) + credits["held"].as_i64().unwrap_or(-1),
-        6
-    );
+    // The hold took the credit before Flowise was called; the capture that
+    // empties `held` is queued, so `held` may still be 1 here.
+    assert_eq!(credits["credits"], 6, "{credits}");
+    assert!(matches!(credits["held"].as_i64(), Some(0 | 1)), "{credits}");
     assert_eq!(w.wait_settled(uid).await, (6, 0));
     w.assert_books_balance().await;
 }
@@ -275,7 +275,7 @@ async fn admin_top_ups_are_idempotent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_leaves_no_stranded_credits() {
     let w = World::start_with(|o| {
-        o.env("HOLD_TTL_SECONDS", "2")
+        o.env("HOLD_TTL_SECONDS", "4")
             .env("SWEEPER_INTERVAL_MS", "300")
     })
     .await;
@@ -292,7 +292,11 @@ async fn a_killed_instance_leaves_no_stranded_credits() {
         let r = support::proxy::streaming_client()
             .post(predict_url(&victim.base_url))
             .bearer_auth(&token)
-            .json(&json!({"question": "long answer here", "streaming": true}))
+            // Twelve tokens at 500 ms: the streams outlive the checks below.
+            .json(&json!({
+                "question": "a long answer here that keeps streaming while the test checks its holds",
+                "streaming": true
+            }))
             .send()
             .await
             .expect("send");

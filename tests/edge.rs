@@ -277,10 +277,18 @@ async fn sigterm_drains_in_flight_streams() {
     let mut body = r.bytes_stream();
     let mut all = body.next().await.expect("first").expect("chunk").to_vec();
     w.proxy.sigterm();
-    let r = w.http.get(w.url("/health")).send().await;
-    if let Ok(r) = r {
-        assert_eq!(r.status(), 503, "health must turn 503 while draining");
-    }
+    // The signal lands asynchronously: /health turns 503 soon after (or the
+    // listener is already gone).
+    assert!(
+        support::wait_until(Duration::from_secs(10), || async {
+            match w.http.get(w.url("/health")).send().await {
+                Ok(r) => r.status() == 503,
+                Err(_) => true,
+            }
+        })
+        .await,
+        "health must turn 503 while draining"
+    );
     while let Some(c) = body.next().await {
         all.extend_from_slice(&c.expect("stream cut by SIGTERM"));
     }

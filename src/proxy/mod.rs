@@ -113,6 +113,12 @@ impl ProxyHttp for FlowiseProxy {
         };
         // Only when nothing was sent yet; otherwise the connection is just closed.
         if session.response_written().is_none() {
+            // After a failed proxy attempt Pingora 0.9 drops the client's
+            // connection whatever this hook answers (it reuses it only when
+            // the upstream exchange succeeded). Say so, or a keep-alive
+            // client sends its next request into a closing socket and gets
+            // a reset.
+            session.set_keepalive(None);
             let _ = respond::error(session, &self.app, ctx, &api).await;
         }
         FailToProxy {
