@@ -30,17 +30,20 @@ local i = 0
 local body = '{"question":"benchmark","streaming":false}'
 local path
 
+-- Loaded at the top level: every thread's state, and the main one that runs
+-- done(), has the tokens.
+for line in io.lines(tokens_file) do
+  line = line:gsub("%s+$", "")
+  if line ~= "" then
+    table.insert(tokens, line)
+    if hot then break end
+  end
+end
+if #tokens == 0 then
+  error("no tokens in " .. tostring(tokens_file))
+end
+
 function init(args)
-  for line in io.lines(tokens_file) do
-    line = line:gsub("%s+$", "")
-    if line ~= "" then
-      table.insert(tokens, line)
-      if hot then break end
-    end
-  end
-  if #tokens == 0 then
-    error("no tokens in " .. tostring(tokens_file))
-  end
   i = ((thread_index or 1) * 7919) % #tokens
   if mode == "predict" then
     path = "/api/v1/prediction/" .. chatflow

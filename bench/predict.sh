@@ -14,7 +14,7 @@
 #
 # Tunables (environment): DURATION (default 20s), CONNECTIONS (64),
 # THREADS (2), WARMUP (3s), ONLY (space list of the cases above), PROXY_PID
-# (when set, also prints the proxy's CPU time per request).
+# (when set, also prints the proxy's CPU time per request and its RSS).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -74,6 +74,7 @@ run_case() { # name mode hot
         requests="$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$result")"
         cpu="$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" \
             'BEGIN { if (n > 0) printf " proxy_cpu_us_per_req=%.1f", t * 1e6 / hz / n }')"
+        cpu="$cpu proxy_rss_mb=$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$PROXY_PID/status")"
     fi
     printf '%-13s %s%s\n' "$name" "$result" "$cpu"
 }

@@ -20,6 +20,8 @@ pub struct App {
     pub sessions: SessionBindings,
     /// Set by SIGTERM: `/health` turns 503 while in-flight work finishes.
     draining: AtomicBool,
+    /// Pingora has broadcast its shutdown: the listeners accept no more.
+    listeners_closed: AtomicBool,
 }
 
 impl App {
@@ -34,6 +36,7 @@ impl App {
             db,
             cfg,
             draining: AtomicBool::new(false),
+            listeners_closed: AtomicBool::new(false),
         }))
     }
 
@@ -43,5 +46,13 @@ impl App {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn close_listeners(&self) {
+        self.listeners_closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn listeners_closed(&self) -> bool {
+        self.listeners_closed.load(Ordering::SeqCst)
     }
 }

@@ -76,6 +76,12 @@ impl ApiError {
     pub fn unavailable() -> Self {
         Self::new(503, "unavailable", "Service unavailable")
     }
+    /// Password hashing is saturated: try again in a second.
+    pub fn busy() -> Self {
+        let mut e = Self::unavailable();
+        e.retry_after = Some(1);
+        e
+    }
     pub fn ledger_unavailable() -> Self {
         Self::new(
             503,

@@ -161,6 +161,8 @@ impl BackgroundService for Maintenance {
             }
         });
         let _ = shutdown.changed().await;
+        // The accept loops stop on this same broadcast.
+        app.close_listeners();
     }
 }
 
@@ -225,7 +227,14 @@ fn spawn_exit_when_idle(app: Arc<App>, limit: Duration) {
             return;
         };
         rt.block_on(async {
-            // Let Pingora stop its listeners before checking.
+            // After SIGQUIT this process keeps accepting for Pingora's 5 s
+            // hand-over window: exiting earlier kills the connections it
+            // accepts meanwhile. Wait for the shutdown broadcast, then give
+            // the last accepted connections time to start their request.
+            let deadline = tokio::time::Instant::now() + limit;
+            while !app.listeners_closed() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
             wait_idle(&app, limit).await;
         });

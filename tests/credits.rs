@@ -156,26 +156,16 @@ async fn successes_are_charged_once() {
     );
     // Seed route, same rules.
     let r = w
-        .http
-        .post(w.url("/chat/predict"))
-        .bearer_auth(&token)
-        .json(&json!({"chatflow_id": FLOW, "question": "seed"}))
-        .send()
-        .await
-        .expect("send");
+        .post(
+            "/chat/predict",
+            &token,
+            &json!({"chatflow_id": FLOW, "question": "seed"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["text"], "MOCK ANSWER: seed");
-    let credits: Value = w
-        .http
-        .get(w.url("/chat/credits"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let credits: Value = w.get_json("/chat/credits", &token).await;
     // The hold took the credit before Flowise was called; the capture that
     // empties `held` is queued, so `held` may still be 1 here.
     assert_eq!(credits["credits"], 6, "{credits}");
@@ -190,28 +180,19 @@ async fn usage_priced_chatflows_charge_tokens_up_to_the_hold() {
     w.add_user("boss", "admin", 0);
     let admin = w.login("boss").await;
     let r = w
-        .http
-        .patch(w.url(&format!("/admin/chatflows/{FLOW}")))
-        .bearer_auth(&admin)
-        .json(&json!({"credit_cost": 1, "credits_per_1k_tokens": 10, "max_hold": 20}))
-        .send()
-        .await
-        .expect("send");
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/admin/chatflows/{FLOW}"),
+            &admin,
+            Some(&json!({"credit_cost": 1, "credits_per_1k_tokens": 10, "max_hold": 20})),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let (uid, token) = w.user_with("meter", 100, FLOW).await;
     // Wait for the price to reach the snapshot: the list shows it.
     assert!(
         support::wait_until(Duration::from_secs(5), || async {
-            let v: Value = w
-                .http
-                .get(w.url("/chatflows/"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .expect("s")
-                .json()
-                .await
-                .expect("j");
+            let v: Value = w.get_json("/chatflows/", &token).await;
             v[0]["credits_per_1k_tokens"] == 10
         })
         .await
@@ -239,35 +220,26 @@ async fn admin_top_ups_are_idempotent() {
     let uid = w.add_user("frank", "user", 0);
     for _ in 0..2 {
         let r = w
-            .http
-            .post(w.url(&format!("/admin/users/{uid}/credits")))
-            .bearer_auth(&admin)
-            .json(&json!({"amount": 25, "reason": "welcome", "idempotency_key": "k-1"}))
-            .send()
-            .await
-            .expect("send");
+            .post(
+                &format!("/admin/users/{uid}/credits"),
+                &admin,
+                &json!({"amount": 25, "reason": "welcome", "idempotency_key": "k-1"}),
+            )
+            .await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(w.balance(uid).await, (25, 0));
     let r = w
-        .http
-        .post(w.url(&format!("/admin/users/{uid}/credits")))
-        .bearer_auth(&admin)
-        .json(&json!({"amount": -100, "reason": "too much", "idempotency_key": "k-2"}))
-        .send()
-        .await
-        .expect("send");
+        .post(
+            &format!("/admin/users/{uid}/credits"),
+            &admin,
+            &json!({"amount": -100, "reason": "too much", "idempotency_key": "k-2"}),
+        )
+        .await;
     assert_eq!(r.status(), 409, "a balance never goes below zero");
     let ledger: Value = w
-        .http
-        .get(w.url(&format!("/admin/users/{uid}/ledger")))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        .get_json(&format!("/admin/users/{uid}/ledger"), &admin)
+        .await;
     assert_eq!(ledger["entries"].as_array().map(Vec::len), Some(1));
     w.assert_books_balance().await;
 }

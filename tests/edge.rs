@@ -103,13 +103,12 @@ async fn upstream_down_gives_502_and_hang_gives_504() {
     w.flowise.set_fail(Fail::Hang);
     let t = Instant::now();
     let r = w
-        .http
-        .post(w.url(&prediction_path()))
-        .bearer_auth(&token)
-        .json(&json!({"question": "hi", "streaming": true}))
-        .send()
-        .await
-        .expect("send");
+        .post(
+            &prediction_path(),
+            &token,
+            &json!({"question": "hi", "streaming": true}),
+        )
+        .await;
     assert_eq!(r.status(), 504);
     assert!(t.elapsed() < Duration::from_secs(20));
     let v: Value = r.json().await.expect("json");
@@ -118,13 +117,7 @@ async fn upstream_down_gives_502_and_hang_gives_504() {
     w.flowise.set_fail(Fail::None);
     w.flowise.stop().await;
     for path in ["/api/v1/ping"] {
-        let r = w
-            .http
-            .get(w.url(path))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("send");
+        let r = w.get(path, &token).await;
         assert_eq!(r.status(), 502, "{path}");
         let v: Value = r.json().await.expect("json");
         assert_eq!(v["code"], "upstream_error");
@@ -134,13 +127,8 @@ async fn upstream_down_gives_502_and_hang_gives_504() {
         );
     }
     let r = w
-        .http
-        .post(w.url(&prediction_path()))
-        .bearer_auth(&token)
-        .json(&json!({"question": "hi"}))
-        .send()
-        .await
-        .expect("send");
+        .post(&prediction_path(), &token, &json!({"question": "hi"}))
+        .await;
     assert_eq!(r.status(), 502);
     assert_eq!(w.wait_settled(user).await, (10, 0), "nothing charged");
     w.assert_books_balance().await;

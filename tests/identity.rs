@@ -75,13 +75,7 @@ async fn token_attacks_are_refused() {
         ("unknown api key", "fpk_0123456789ab_nope".to_string()),
     ];
     for (name, t) in cases {
-        let r = w
-            .http
-            .get(w.url("/chat/credits"))
-            .bearer_auth(&t)
-            .send()
-            .await
-            .expect("send");
+        let r = w.get("/chat/credits", &t).await;
         assert_eq!(r.status(), 401, "{name}");
         let v: Value = r.json().await.expect("json");
         assert!(
@@ -248,26 +242,10 @@ async fn non_admins_get_403_on_admin_and_other_flowise_paths() {
         403
     );
     let cfg: Value = w
-        .http
-        .get(w.url(&format!("/chatflows/{FLOW}/config")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        .get_json(&format!("/chatflows/{FLOW}/config"), &token)
+        .await;
     assert!(cfg.get("flowData").is_none(), "flowData must not leak");
-    let list: Value = w
-        .http
-        .get(w.url("/api/v1/chatflows"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let list: Value = w.get_json("/api/v1/chatflows", &token).await;
     let ids: Vec<&str> = list
         .as_array()
         .expect("array")
@@ -303,16 +281,12 @@ async fn changes_reach_a_second_instance_within_a_second() {
     let (uid, token) = w.user_with("erin", 5, FLOW).await;
     // API key issued on instance one, used on instance two.
     let key: Value = w
-        .http
-        .post(w.url(&format!("/admin/users/{uid}/api-keys")))
-        .bearer_auth(&admin)
-        .json(&json!({"name": "ci"}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        .post_json(
+            &format!("/admin/users/{uid}/api-keys"),
+            &admin,
+            &json!({"name": "ci"}),
+        )
+        .await;
     let key = key["api_key"].as_str().expect("api key").to_string();
     let within = |pred_status: u16, token: String, path: String| async move {
         support::wait_until(Duration::from_millis(1000), || {
@@ -327,12 +301,13 @@ async fn changes_reach_a_second_instance_within_a_second() {
     );
     // Grant removal on one: 403 on two within 1 s.
     let r = w
-        .http
-        .delete(w.url(&format!("/admin/chatflows/{FLOW}/users?user_id={uid}")))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("send");
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/admin/chatflows/{FLOW}/users?user_id={uid}"),
+            &admin,
+            None,
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert!(
         within(403, key.clone(), format!("/chatflows/{FLOW}")).await,
@@ -340,14 +315,7 @@ async fn changes_reach_a_second_instance_within_a_second() {
     );
     // Access token revoked on one: 401 on two within 1 s.
     assert!(within(200, token.clone(), "/chat/credits".into()).await);
-    let r = w
-        .http
-        .post(w.url("/chat/revoke"))
-        .bearer_auth(&token)
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send");
+    let r = w.post("/chat/revoke", &token, &json!({})).await;
     assert_eq!(r.status(), 200);
     assert!(
         within(401, token, "/chat/credits".into()).await,
@@ -355,33 +323,36 @@ async fn changes_reach_a_second_instance_within_a_second() {
     );
     // Key revoked on one: 401 on two within 1 s.
     let r = w
-        .http
-        .post(w.url(&format!("/admin/users/{uid}/api-keys")))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("send");
+        .send(
+            reqwest::Method::POST,
+            &format!("/admin/users/{uid}/api-keys"),
+            &admin,
+            None,
+        )
+        .await;
     let key2: Value = r.json().await.expect("json");
     let key2_id = key2["id"].as_i64().expect("id");
     let key2 = key2["api_key"].as_str().expect("key").to_string();
     assert!(within(200, key2.clone(), "/chat/credits".into()).await);
-    w.http
-        .delete(w.url(&format!("/admin/api-keys/{key2_id}")))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("send");
+    w.send(
+        reqwest::Method::DELETE,
+        &format!("/admin/api-keys/{key2_id}"),
+        &admin,
+        None,
+    )
+    .await;
     assert!(
         within(401, key2, "/chat/credits".into()).await,
         "revoked key still works on instance two"
     );
     // Deactivation: every credential of the user stops working on two.
-    w.http
-        .delete(w.url(&format!("/admin/users/{uid}")))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("send");
+    w.send(
+        reqwest::Method::DELETE,
+        &format!("/admin/users/{uid}"),
+        &admin,
+        None,
+    )
+    .await;
     assert!(
         within(401, key, "/chat/credits".into()).await,
         "deactivated user still in on instance two"

@@ -13,43 +13,28 @@ async fn another_users_session_is_out_of_reach() {
     let (b, tb) = w.user_with("ben", 10, FLOW).await;
     // Anna starts a conversation with an id of her choice, and one Flowise names.
     let r = w
-        .http
-        .post(w.url("/chat/predict"))
-        .bearer_auth(&ta)
-        .json(&json!({"chatflow_id": FLOW, "question": "first", "sessionId": "anna-chat-1"}))
-        .send()
-        .await
-        .expect("send");
+        .post(
+            "/chat/predict",
+            &ta,
+            &json!({"chatflow_id": FLOW, "question": "first", "sessionId": "anna-chat-1"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
-    w.http
-        .post(w.url("/chat/predict"))
-        .bearer_auth(&ta)
-        .json(&json!({"chatflow_id": FLOW, "question": "second", "sessionId": "anna-chat-1"}))
-        .send()
-        .await
-        .expect("send");
+    w.post(
+        "/chat/predict",
+        &ta,
+        &json!({"chatflow_id": FLOW, "question": "second", "sessionId": "anna-chat-1"}),
+    )
+    .await;
     let r: Value = w
-        .http
-        .post(w.url(&format!("/api/v1/prediction/{FLOW}")))
-        .bearer_auth(&ta)
-        .json(&json!({"question": "flowise names this one"}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        .post_json(
+            &format!("/api/v1/prediction/{FLOW}"),
+            &ta,
+            &json!({"question": "flowise names this one"}),
+        )
+        .await;
     let assigned = r["chatId"].as_str().expect("chatId").to_string();
-    let sessions: Value = w
-        .http
-        .get(w.url("/chat/sessions"))
-        .bearer_auth(&ta)
-        .send()
-        .await
-        .expect("s")
-        .json()
-        .await
-        .expect("j");
+    let sessions: Value = w.get_json("/chat/sessions", &ta).await;
     let ids: Vec<&str> = sessions
         .as_array()
         .expect("array")
@@ -61,16 +46,7 @@ async fn another_users_session_is_out_of_reach() {
         "{ids:?}"
     );
 
-    let history: Value = w
-        .http
-        .get(w.url("/chat/sessions/anna-chat-1/history"))
-        .bearer_auth(&ta)
-        .send()
-        .await
-        .expect("s")
-        .json()
-        .await
-        .expect("j");
+    let history: Value = w.get_json("/chat/sessions/anna-chat-1/history", &ta).await;
     let contents: Vec<&str> = history["messages"]
         .as_array()
         .expect("messages")
@@ -95,23 +71,17 @@ async fn another_users_session_is_out_of_reach() {
         json!({"question": "hijack", "chatId": assigned}),
     ] {
         let r = w
-            .http
-            .post(w.url(&format!("/api/v1/prediction/{FLOW}")))
-            .bearer_auth(&tb)
-            .json(&body)
-            .send()
-            .await
-            .expect("send");
+            .post(&format!("/api/v1/prediction/{FLOW}"), &tb, &body)
+            .await;
         assert_eq!(r.status(), 403, "{body}");
     }
     let r = w
-        .http
-        .post(w.url("/chat/predict"))
-        .bearer_auth(&tb)
-        .json(&json!({"chatflow_id": FLOW, "question": "hijack", "sessionId": "anna-chat-1"}))
-        .send()
-        .await
-        .expect("send");
+        .post(
+            "/chat/predict",
+            &tb,
+            &json!({"chatflow_id": FLOW, "question": "hijack", "sessionId": "anna-chat-1"}),
+        )
+        .await;
     assert_eq!(r.status(), 403);
     assert_eq!(
         w.flowise.prediction_count(),
@@ -123,62 +93,40 @@ async fn another_users_session_is_out_of_reach() {
         format!("/api/v1/chatmessage/{FLOW}?chatId=anna-chat-1"),
         format!("/api/v1/get-upload-file?chatflowId={FLOW}&chatId=anna-chat-1&fileName=x.txt"),
     ] {
-        let s = w
-            .http
-            .get(w.url(&path))
-            .bearer_auth(&tb)
-            .send()
-            .await
-            .expect("send")
-            .status()
-            .as_u16();
+        let s = w.get(&path, &tb).await.status().as_u16();
         assert!(s == 403 || s == 404, "{path}: {s}");
     }
     let r = w
-        .http
-        .delete(w.url("/chat/sessions/anna-chat-1"))
-        .bearer_auth(&tb)
-        .send()
-        .await
-        .expect("send");
+        .send(
+            reqwest::Method::DELETE,
+            "/chat/sessions/anna-chat-1",
+            &tb,
+            None,
+        )
+        .await;
     assert_eq!(r.status(), 404);
     let all: Value = w
-        .http
-        .get(w.url(&format!("/api/v1/chatmessage/{FLOW}")))
-        .bearer_auth(&tb)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        .get_json(&format!("/api/v1/chatmessage/{FLOW}"), &tb)
+        .await;
     assert_eq!(
         all,
         json!([]),
         "without a filter Ben sees only his own (none)"
     );
-    let ben_sessions: Value = w
-        .http
-        .get(w.url("/chat/sessions"))
-        .bearer_auth(&tb)
-        .send()
-        .await
-        .expect("s")
-        .json()
-        .await
-        .expect("j");
+    let ben_sessions: Value = w.get_json("/chat/sessions", &tb).await;
     assert_eq!(ben_sessions, json!([]));
     assert_eq!(w.wait_settled(b).await, (10, 0), "Ben was not charged");
     assert_eq!(w.wait_settled(a).await, (7, 0));
 
     // Anna deletes her conversation: gone from the list and from Flowise.
     let r = w
-        .http
-        .delete(w.url("/chat/sessions/anna-chat-1"))
-        .bearer_auth(&ta)
-        .send()
-        .await
-        .expect("send");
+        .send(
+            reqwest::Method::DELETE,
+            "/chat/sessions/anna-chat-1",
+            &ta,
+            None,
+        )
+        .await;
     assert_eq!(r.status(), 200);
     assert!(w
         .flowise

@@ -22,6 +22,28 @@ fn bearer() -> String {
     format!("Bearer {DEFAULT_API_KEY}")
 }
 
+/// `method url` to the double with its API key and an optional JSON body.
+async fn double(method: reqwest::Method, url: String, body: Option<&Value>) -> reqwest::Response {
+    let mut req = client()
+        .request(method.clone(), &url)
+        .header("authorization", bearer());
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    req.send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// The same, the answer read as JSON (whatever its status).
+async fn double_json(method: reqwest::Method, url: String, body: Option<&Value>) -> Value {
+    let r = double(method, url, body).await;
+    let status = r.status();
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("a JSON body with status {status}: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_db_is_usable_and_dropped() {
     let db = pg::fresh_db().await;
@@ -68,13 +90,12 @@ fn url_with_db_rewrites_only_the_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flowise_nonstream_prediction_has_capture_shape() {
     let f = flowise::start(FlowiseConfig::default()).await;
-    let resp = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": "hi"}))
-        .send()
-        .await
-        .expect("send prediction");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({"question": "hi"})),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers()["content-type"],
@@ -137,62 +158,47 @@ async fn flowise_nonstream_prediction_has_capture_shape() {
         .expect("json");
     assert_eq!(v["chatId"], "peer-chat-1");
     assert_eq!(v["sessionId"], "peer-chat-1");
-    let v: Value = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": "first turn", "overrideConfig": {"sessionId": "peer-session-1"}}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = double_json(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({"question": "first turn", "overrideConfig": {"sessionId": "peer-session-1"}})),
+    )
+    .await;
     assert_eq!(v["chatId"], "peer-session-1");
 
     // Empty body: "undefined", no question field.
-    let v: Value = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = double_json(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({})),
+    )
+    .await;
     assert_eq!(v["text"], "MOCK ANSWER: undefined");
     assert!(v.get("question").is_none());
 
     // Usage.
     f.set_usage(Some((7, 5)));
-    let v: Value = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": "u"}))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = double_json(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({"question": "u"})),
+    )
+    .await;
     assert_eq!(
         v["usageMetadata"],
         json!({"input_tokens": 7, "output_tokens": 5, "total_tokens": 12})
     );
 
     // Stored messages, shaped like chatmessage_list.txt.
-    let rows: Value = client()
-        .get(format!(
+    let rows: Value = double_json(
+        reqwest::Method::GET,
+        format!(
             "{}/api/v1/chatmessage/{PEER_TEST_CHATFLOW_ID}?chatId=peer-chat-1",
             f.url
-        ))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+        ),
+        None,
+    )
+    .await;
     let rows = rows.as_array().expect("array");
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["role"], "userMessage");
@@ -228,13 +234,7 @@ async fn flowise_streams_with_message_data_framing() {
     let f = flowise::start(FlowiseConfig::default()).await;
     for streaming in [json!(true), json!("true")] {
         f.set_usage(None);
-        let resp = client()
-            .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-            .header("authorization", bearer())
-            .json(&json!({"question": "stream with chat id", "chatId": "peer-chat-2", "streaming": streaming}))
-            .send()
-            .await
-            .expect("send");
+        let resp = double(reqwest::Method::POST, prediction_url(&f, PEER_TEST_CHATFLOW_ID), Some(&json!({"question": "stream with chat id", "chatId": "peer-chat-2", "streaming": streaming}))).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         assert_eq!(resp.headers()["cache-control"], "no-cache");
@@ -279,13 +279,12 @@ async fn flowise_streams_with_message_data_framing() {
 
     // usageMetadata before metadata.
     f.set_usage(Some((3, 4)));
-    let resp = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": "hi", "streaming": true}))
-        .send()
-        .await
-        .expect("send");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({"question": "hi", "streaming": true})),
+    )
+    .await;
     let (body, _) = read_stream(resp).await;
     assert_eq!(
         flowise::sse_event_names(&body),
@@ -309,13 +308,12 @@ async fn flowise_token_delay_spreads_events() {
     let f = flowise::start(FlowiseConfig::default()).await;
     f.set_token_delay(Duration::from_millis(300));
     let sent = Instant::now();
-    let resp = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": "one two three", "streaming": true}))
-        .send()
-        .await
-        .expect("send");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({"question": "one two three", "streaming": true})),
+    )
+    .await;
     let (body, chunks) = read_stream(resp).await;
     // start, 5 tokens, metadata, end: 7 gaps of 300 ms.
     assert_eq!(flowise::sse_event_names(&body).len(), 8);
@@ -408,37 +406,34 @@ async fn flowise_unknown_chatflow_and_other_routes() {
             .is_err(),
         "unknown chatflow + streaming must hang"
     );
-    let resp = client()
-        .post(prediction_url(&f, UNKNOWN_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": "hi"}))
-        .send()
-        .await
-        .expect("send");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, UNKNOWN_CHATFLOW_ID),
+        Some(&json!({"question": "hi"})),
+    )
+    .await;
     assert_eq!(resp.status(), 404);
     assert_eq!(
         resp.text().await.expect("body"),
         r#"{"statusCode":404,"success":false,"message":"Chatflow 00000000-0000-4000-8000-000000000000 not found in the database!","stack":{}}"#
     );
-    let resp = client()
-        .post(prediction_url(&f, "not-a-uuid"))
-        .header("authorization", bearer())
-        .json(&json!({"question": "hi"}))
-        .send()
-        .await
-        .expect("send");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, "not-a-uuid"),
+        Some(&json!({"question": "hi"})),
+    )
+    .await;
     assert_eq!(resp.status(), 400);
     assert_eq!(
         resp.text().await.expect("body"),
         r#"{"statusCode":400,"success":false,"message":"Invalid Chatflow ID","stack":{}}"#
     );
-    let resp = client()
-        .post(prediction_url(&f, ""))
-        .header("authorization", bearer())
-        .json(&json!({"question": "hi"}))
-        .send()
-        .await
-        .expect("send");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, ""),
+        Some(&json!({"question": "hi"})),
+    )
+    .await;
     assert_eq!(resp.status(), 412);
 
     let get = |path: &str, key: bool| {
@@ -545,41 +540,31 @@ async fn flowise_unknown_chatflow_and_other_routes() {
 
     // Big bodies are accepted.
     let big = "x".repeat(20 * 1024 * 1024);
-    let resp = client()
-        .post(prediction_url(&f, PEER_TEST_CHATFLOW_ID))
-        .header("authorization", bearer())
-        .json(&json!({"question": big}))
-        .send()
-        .await
-        .expect("send big");
+    let resp = double(
+        reqwest::Method::POST,
+        prediction_url(&f, PEER_TEST_CHATFLOW_ID),
+        Some(&json!({"question": big})),
+    )
+    .await;
     assert_eq!(resp.status(), 200);
 
     // Delete messages of one chat.
-    let v: Value = client()
-        .delete(format!(
+    let v: Value = double_json(
+        reqwest::Method::DELETE,
+        format!(
             "{}/api/v1/chatmessage/{PEER_TEST_CHATFLOW_ID}?chatId=nope",
             f.url
-        ))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .expect("delete")
-        .json()
-        .await
-        .expect("json");
+        ),
+        None,
+    )
+    .await;
     assert_eq!(v, json!({"raw": [], "affected": 0}));
-    let v: Value = client()
-        .delete(format!(
-            "{}/api/v1/chatmessage/{PEER_TEST_CHATFLOW_ID}",
-            f.url
-        ))
-        .header("authorization", bearer())
-        .send()
-        .await
-        .expect("delete")
-        .json()
-        .await
-        .expect("json");
+    let v: Value = double_json(
+        reqwest::Method::DELETE,
+        format!("{}/api/v1/chatmessage/{PEER_TEST_CHATFLOW_ID}", f.url),
+        None,
+    )
+    .await;
     assert_eq!(v, json!({"raw": [], "affected": 2}));
 }
 

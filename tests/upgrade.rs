@@ -15,9 +15,10 @@ async fn upgrade_hands_over_without_refused_connections() {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let url = w.url("/");
     let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (stop, ok, failed, errors) = (stop.clone(), ok.clone(), failed.clone(), errors.clone());
         tokio::spawn(async move {
             // A fresh connection per request: the listener itself is under test.
             while !stop.load(Ordering::SeqCst) {
@@ -27,10 +28,18 @@ async fn upgrade_hands_over_without_refused_connections() {
                     .timeout(Duration::from_secs(10))
                     .build()
                     .expect("client");
-                match http.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                let what = match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    Ok(r) => format!("status {}", r.status()),
+                    Err(e) => format!("{e:?}"),
                 };
+                failed.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut errors) = errors.lock() {
+                    errors.push(what);
+                }
             }
         })
     };
@@ -58,7 +67,10 @@ async fn upgrade_hands_over_without_refused_connections() {
     assert_eq!(
         failed.load(Ordering::SeqCst),
         0,
-        "requests failed during the upgrade"
+        "requests failed during the upgrade: {:?}\nold:\n{}\nnew:\n{}",
+        errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        w.proxy.output_dump(),
+        new.output_dump()
     );
     assert!(new.try_status().is_none(), "new process still running");
 }

@@ -114,9 +114,9 @@ fn validate_password(p: &str) -> Result<(), ApiError> {
 }
 
 async fn hash(p: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || password::hash_password(&p))
+    password::hash_password_pooled(p)
         .await
-        .map_err(|_| ApiError::internal())?
+        .ok_or_else(ApiError::busy)?
         .map_err(|_| ApiError::internal())
 }
 

@@ -264,10 +264,9 @@ impl Auth {
         let found = store::identity::login_lookup(db, username).await?;
         let hash = found.as_ref().map(|(_, h)| h.clone());
         let pw = password.to_string();
-        let ok =
-            tokio::task::spawn_blocking(move || password::verify_password(&pw, hash.as_deref()))
-                .await
-                .unwrap_or(false);
+        let ok = password::verify_password_pooled(pw, hash)
+            .await
+            .ok_or_else(ApiError::busy)?;
         match found {
             Some((user, _)) if ok && user.active => {
                 self.throttle.succeeded(username);

@@ -335,6 +335,15 @@ impl TestFlowise {
         self.state.lock().requests.clear();
     }
 
+    /// Drops the recorded requests, stored messages and uploads (for a
+    /// long-running double, see `examples/flowise_double.rs`).
+    pub fn forget(&self) {
+        let mut inner = self.state.lock();
+        inner.requests.clear();
+        inner.messages.clear();
+        inner.files.clear();
+    }
+
     /// How many `POST /api/v1/prediction/...` requests arrived (whatever the
     /// outcome: rejected, failed, hung or answered).
     pub fn prediction_count(&self) -> u64 {

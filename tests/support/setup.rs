@@ -41,6 +41,47 @@ impl World {
         format!("{}{}", self.proxy.base_url, path)
     }
 
+    /// `method path` on the proxy as `token`, with an optional JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .http
+            .request(method.clone(), self.url(path))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `GET path` as `token`.
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.send(reqwest::Method::GET, path, token, None).await
+    }
+
+    /// `POST path` with a JSON body, as `token`.
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> reqwest::Response {
+        self.send(reqwest::Method::POST, path, token, Some(body))
+            .await
+    }
+
+    /// `GET path` as `token`: the JSON answer, whatever its status.
+    pub async fn get_json(&self, path: &str, token: &str) -> Value {
+        json_of(self.get(path, token).await).await
+    }
+
+    /// `POST path` as `token`: the JSON answer, whatever its status.
+    pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> Value {
+        json_of(self.post(path, token, body).await).await
+    }
+
     /// Waits until the proxy has synced the test Flowise's chatflows.
     pub async fn wait_catalog(&self) {
         let c = self.db.client().await;
@@ -130,13 +171,7 @@ impl World {
     pub async fn wait_access(&self, token: &str, chatflow: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let r = self
-                .http
-                .get(self.url(&format!("/chatflows/{chatflow}")))
-                .bearer_auth(token)
-                .send()
-                .await
-                .expect("get chatflow");
+            let r = self.get(&format!("/chatflows/{chatflow}"), token).await;
             if r.status() == 200 {
                 return;
             }
@@ -147,6 +182,14 @@ impl World {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The body of `r` as JSON (panics, with the status, when it is not).
+pub async fn json_of(r: reqwest::Response) -> Value {
+    let status = r.status();
+    r.json()
+        .await
+        .unwrap_or_else(|e| panic!("a JSON body with status {status}: {e}"))
 }
 
 pub fn password_of(name: &str) -> String {
