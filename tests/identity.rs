@@ -358,3 +358,104 @@ async fn changes_reach_a_second_instance_within_a_second() {
         "deactivated user still in on instance two"
     );
 }
+
+/// The curl commands of the README's "Using the API" block, one per entry,
+/// continuation lines joined.
+fn readme_curl_commands() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("## Using the API")
+        .nth(1)
+        .and_then(|s| s.split("```sh").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("README.md has a ```sh block under \"## Using the API\"");
+    let mut commands = Vec::new();
+    let mut current = String::new();
+    for line in block.lines().map(str::trim) {
+        if current.is_empty() && !line.starts_with("curl ") {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => current.push_str(head),
+            None => {
+                current.push_str(line);
+                commands.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    commands
+}
+
+/// Runs one README command with bash, `$P` and `$TOKEN` set; its stdout.
+async fn run_readme(command: &str, base: &str, token: &str) -> String {
+    let (cmd, base, token) = (command.to_string(), base.to_string(), token.to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(cmd)
+            .env("P", base)
+            .env("TOKEN", token)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run bash (curl)");
+    assert!(out.status.success(), "{command}: {out:?}");
+    String::from_utf8(out.stdout).expect("utf8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_curl_flow_works_as_written() {
+    let w = World::start().await;
+    w.add_user("admin", "admin", 5);
+    let cmds = readme_curl_commands();
+    let find = |path: &str, with: &str| {
+        cmds.iter()
+            .find(|c| c.contains(path) && c.contains(with))
+            .unwrap_or_else(|| panic!("README has no curl for {path} {with}: {cmds:#?}"))
+            .clone()
+    };
+    let base = w.proxy.base_url.clone();
+
+    let login = find("/chat/authenticate", "password").replace('…', &password_of("admin"));
+    let v: Value = serde_json::from_str(&run_readme(&login, &base, "").await).expect("login JSON");
+    let token = v["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string();
+    assert_eq!(v["token_type"], "bearer");
+    assert_eq!(v["user"]["username"], "admin");
+
+    let list = run_readme(&find("/chatflows/", "Bearer"), &base, &token).await;
+    let list: Value = serde_json::from_str(&list).expect("chatflows JSON");
+    let ids: Vec<&str> = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert!(ids.contains(&FLOW), "admins see every chatflow: {list}");
+    assert!(list[0].get("credit_cost").is_some(), "{list}");
+
+    let predict = find("/chat/predict", "\"question\":\"Hello\"}").replace("CHATFLOW_ID", FLOW);
+    let v: Value =
+        serde_json::from_str(&run_readme(&predict, &base, &token).await).expect("prediction JSON");
+    assert_eq!(v["text"], "MOCK ANSWER: Hello");
+
+    let stream = find("/chat/predict", "\"streaming\":true").replace("CHATFLOW_ID", FLOW);
+    let events = run_readme(&stream, &base, &token).await;
+    assert!(events.contains("\"event\":\"token\""), "{events}");
+    assert!(events.contains("\"event\":\"end\""), "{events}");
+
+    let credits = run_readme(&find("/chat/credits", "Bearer"), &base, &token).await;
+    let credits: Value = serde_json::from_str(&credits).expect("credits JSON");
+    assert_eq!(credits["credits"], 3, "two predictions at 1: {credits}");
+
+    let revoke = find("/chat/revoke", "all");
+    run_readme(&revoke, &base, &token).await;
+    assert_eq!(
+        w.get("/chatflows/", &token).await.status(),
+        401,
+        "the revoked token no longer works"
+    );
+}
