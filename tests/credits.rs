@@ -247,7 +247,7 @@ async fn admin_top_ups_are_idempotent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_leaves_no_stranded_credits() {
     let w = World::start_with(|o| {
-        o.env("HOLD_TTL_SECONDS", "4")
+        o.env("HOLD_TTL_SECONDS", "8")
             .env("SWEEPER_INTERVAL_MS", "300")
     })
     .await;
@@ -258,13 +258,14 @@ async fn a_killed_instance_leaves_no_stranded_credits() {
             .env("SWEEPER_INTERVAL_MS", "600000"),
     )
     .await;
-    w.flowise.set_token_delay(Duration::from_millis(500));
+    // Streams of twelve tokens a second apart outlive the hold TTL: what
+    // settles these holds is the sweeper, never a finished stream.
+    w.flowise.set_token_delay(Duration::from_secs(1));
     let mut streams = Vec::new();
     for _ in 0..3 {
         let r = support::proxy::streaming_client()
             .post(predict_url(&victim.base_url))
             .bearer_auth(&token)
-            // Twelve tokens at 500 ms: the streams outlive the checks below.
             .json(&json!({
                 "question": "a long answer here that keeps streaming while the test checks its holds",
                 "streaming": true
@@ -280,7 +281,7 @@ async fn a_killed_instance_leaves_no_stranded_credits() {
     victim.kill9();
     drop(streams);
     assert!(
-        support::wait_until(Duration::from_secs(20), || async {
+        support::wait_until(Duration::from_secs(40), || async {
             w.balance(uid).await == (5, 0)
         })
         .await,
@@ -288,4 +289,114 @@ async fn a_killed_instance_leaves_no_stranded_credits() {
         w.balance(uid).await
     );
     w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_refuses_debited_requests_and_recovers() {
+    // A private cluster: the test stops and restarts its server.
+    let cluster = support::pg::PrivateCluster::start().await;
+    support::pg::connect(&cluster.url("postgres"))
+        .await
+        .batch_execute("CREATE DATABASE proxy")
+        .await
+        .expect("create db");
+    let db_url = cluster.url("proxy");
+    let flowise = support::flowise::start(Default::default()).await;
+    let proxy =
+        support::proxy::start(support::proxy::ProxyOptions::new(&db_url, &flowise.url)).await;
+    let db = support::pg::connect(&db_url).await;
+    assert!(
+        support::wait_until(Duration::from_secs(30), || async {
+            db.query_one("SELECT count(*) FROM chatflows", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0) >= 1)
+                .unwrap_or(false)
+        })
+        .await,
+        "catalogue never synced"
+    );
+    let uid = support::setup::add_user(&db_url, "outage", "user", 5);
+    db.execute(
+        "INSERT INTO grants (user_id, chatflow_id) VALUES ($1, $2)",
+        &[&uid, &FLOW],
+    )
+    .await
+    .expect("grant");
+    drop(db);
+    let http = support::proxy::client();
+    let login: Value = http
+        .post(format!("{}/chat/authenticate", proxy.base_url))
+        .json(&json!({"username": "outage", "password": support::setup::password_of("outage")}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    let token = login["access_token"].as_str().expect("token").to_string();
+    let predict = || async {
+        http.post(predict_url(&proxy.base_url))
+            .bearer_auth(&token)
+            .json(&json!({"question": "hi"}))
+            .send()
+            .await
+            .expect("send")
+    };
+    assert!(
+        support::wait_until(Duration::from_secs(10), || async {
+            predict().await.status() == 200
+        })
+        .await,
+        "the grant never took effect"
+    );
+
+    tokio::task::block_in_place(|| cluster.stop());
+    let r = predict().await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "ledger_unavailable");
+    assert_eq!(
+        flowise.prediction_count(),
+        1,
+        "nothing unpaid reached Flowise"
+    );
+
+    tokio::task::block_in_place(|| cluster.start_again());
+    assert!(
+        support::wait_until(Duration::from_secs(30), || async {
+            predict().await.status() == 200
+        })
+        .await,
+        "never recovered"
+    );
+    assert_eq!(flowise.prediction_count(), 2);
+    let db = support::pg::connect(&db_url).await;
+    assert!(
+        support::wait_until(Duration::from_secs(20), || async {
+            db.query_one(
+                "SELECT available, held FROM accounts WHERE user_id = $1",
+                &[&uid],
+            )
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)) == (3, 0))
+            .unwrap_or(false)
+        })
+        .await,
+        "two predictions charged once each: {:?}\n{}",
+        db.query(
+            "SELECT kind, delta_available, delta_held FROM ledger ORDER BY id",
+            &[]
+        )
+        .await
+        .map(|rows| rows
+            .iter()
+            .map(|r| (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2)
+            ))
+            .collect::<Vec<_>>()),
+        proxy.output_dump()
+    );
+    support::setup::assert_books_balance(&db_url).await;
 }

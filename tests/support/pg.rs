@@ -308,9 +308,12 @@ impl PrivateCluster {
                 describe_output(&out)
             )));
         }
+        // fsync off is safe for the tests' outages (an immediate stop is a
+        // server crash, not an OS crash); synchronous_commit stays on, or a
+        // commit acknowledged just before the stop would be lost.
         let base_conf = format!(
             "\n# flowise-proxy tests\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n\
+             fsync = off\nfull_page_writes = off\nmax_connections = 200\n\
              shared_buffers = 32MB\n",
             sock.display()
         );
