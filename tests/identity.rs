@@ -180,6 +180,13 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
     assert_eq!(r2.status(), 200);
     let v: Value = r2.json().await.expect("json");
     let rt2 = v["refresh_token"].as_str().expect("rt2").to_string();
+    let at1 = r["access_token"].as_str().expect("at1").to_string();
+    let at2 = v["access_token"].as_str().expect("at2").to_string();
+    // Another login of the same user: a family of its own.
+    let other = w.login("carol").await;
+    for t in [&at1, &at2, &other] {
+        assert_eq!(w.get("/chat/credits", t).await.status(), 200);
+    }
     assert_eq!(
         refresh(rt1.clone()).await.status(),
         401,
@@ -190,6 +197,17 @@ async fn refresh_rotates_and_reuse_revokes_the_family() {
         401,
         "reuse revoked the whole family"
     );
+    // The family's access tokens stop working too (whoever stole one of its
+    // refresh tokens holds one of them); the other login is untouched.
+    assert!(
+        support::wait_until(Duration::from_secs(5), || async {
+            w.get("/chat/credits", &at1).await.status() == 401
+                && w.get("/chat/credits", &at2).await.status() == 401
+        })
+        .await,
+        "access tokens of a reused family still work"
+    );
+    assert_eq!(w.get("/chat/credits", &other).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

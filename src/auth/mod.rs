@@ -33,6 +33,10 @@ pub struct Claims {
     /// Issue time in milliseconds, so "revoke all" cuts precisely.
     #[serde(default)]
     pub iat_ms: i64,
+    /// The login (refresh-token family) this token belongs to: revoking the
+    /// family, or reusing one of its rotated refresh tokens, revokes it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fam: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -185,8 +189,12 @@ impl Auth {
         let c = data.claims;
         let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
         let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
+        let family = match c.fam.as_deref() {
+            Some(f) => Some(Uuid::parse_str(f).map_err(|_| AuthFailure::Malformed)?),
+            None => None,
+        };
         let snap = self.snapshot.get();
-        if snap.revoked.contains(&jti) {
+        if snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f)) {
             return Err(AuthFailure::Revoked);
         }
         let user = snap.users.get(&user_id).ok_or(AuthFailure::UnknownUser)?;
@@ -208,7 +216,7 @@ impl Auth {
         })
     }
 
-    fn issue_access(&self, user_id: i64, role: Role) -> Result<String, ApiError> {
+    fn issue_access(&self, user_id: i64, role: Role, family: Uuid) -> Result<String, ApiError> {
         let now = Utc::now();
         let claims = Claims {
             sub: user_id.to_string(),
@@ -218,6 +226,7 @@ impl Auth {
             exp: (now + self.access_lifetime).timestamp(),
             iss: ISSUER.into(),
             iat_ms: now.timestamp_millis(),
+            fam: Some(family.to_string()),
         };
         encode(&Header::new(self.algorithm), &claims, &self.encoding)
             .map_err(|_| ApiError::internal())
@@ -230,7 +239,7 @@ impl Auth {
         role: Role,
         family: Uuid,
     ) -> Result<TokenPair, ApiError> {
-        let access_token = self.issue_access(user_id, role)?;
+        let access_token = self.issue_access(user_id, role, family)?;
         let refresh_token = password::random_token(32);
         store::identity::insert_refresh_token(
             db,
@@ -307,10 +316,14 @@ impl Auth {
                 let pair = self.issue_pair(db, user_id, user.role, family).await?;
                 Ok((pair, user_id, user.role))
             }
-            RefreshOutcome::Reused => {
+            RefreshOutcome::Reused { family } => {
                 crate::metrics::AUTH_FAILURES
                     .with_label_values(&["refresh_reuse"])
                     .inc();
+                // A rotated token came back: one of its holders is a thief.
+                // The family's refresh tokens are revoked already; its access
+                // tokens go too (all expire within one access lifetime).
+                self.revoke_family_access(db, family).await?;
                 Err(ApiError::invalid_token())
             }
             RefreshOutcome::Invalid => {
@@ -320,6 +333,14 @@ impl Auth {
                 Err(ApiError::invalid_token())
             }
         }
+    }
+
+    /// Revokes every access token of a login: the family id joins the
+    /// revoked ids until the last of them has expired.
+    async fn revoke_family_access(&self, db: &Db, family: Uuid) -> Result<(), ApiError> {
+        store::identity::revoke_access_token(db, family, Utc::now() + self.access_lifetime).await?;
+        self.snapshot.invalidate();
+        Ok(())
     }
 
     /// Revokes the presented access token (and a refresh family, or everything).
@@ -333,12 +354,15 @@ impl Auth {
         if all {
             store::identity::revoke_all_for_user(db, who.user_id).await?;
         } else if let Some(rt) = refresh_token {
-            store::identity::revoke_refresh_family(
+            let family = store::identity::revoke_refresh_family(
                 db,
                 who.user_id,
                 &password::sha256(rt.as_bytes()),
             )
             .await?;
+            if let Some(family) = family {
+                self.revoke_family_access(db, family).await?;
+            }
         }
         if let Credential::Jwt { jti, expires_at } = &who.credential {
             store::identity::revoke_access_token(db, *jti, *expires_at).await?;

@@ -149,7 +149,7 @@ pub enum RefreshOutcome {
     /// The token was current: it is now rotated; issue a new one in this family.
     Rotated { user_id: i64, family: Uuid },
     /// The token had already been rotated: the whole family is now revoked.
-    Reused,
+    Reused { family: Uuid },
     /// Unknown, expired or revoked.
     Invalid,
 }
@@ -185,22 +185,30 @@ pub async fn rotate_refresh_token(db: &Db, token_hash: &[u8]) -> StoreResult<Ref
                 &[&family],
             )
             .await?;
-            Ok(RefreshOutcome::Reused)
+            Ok(RefreshOutcome::Reused { family })
         }
         None => Ok(RefreshOutcome::Invalid),
     }
 }
 
-/// Revokes the family of one refresh token, if it belongs to `user_id`.
-pub async fn revoke_refresh_family(db: &Db, user_id: i64, token_hash: &[u8]) -> StoreResult<u64> {
+/// Revokes the family of one refresh token, if it belongs to `user_id`;
+/// returns the family.
+pub async fn revoke_refresh_family(
+    db: &Db,
+    user_id: i64,
+    token_hash: &[u8],
+) -> StoreResult<Option<Uuid>> {
     let c = db.get().await?;
-    Ok(c.execute(
-        "UPDATE refresh_tokens SET revoked_at = now()
-         WHERE revoked_at IS NULL AND family IN
-           (SELECT family FROM refresh_tokens WHERE token_hash = $1 AND user_id = $2)",
-        &[&token_hash, &user_id],
-    )
-    .await?)
+    let row = c
+        .query_opt(
+            "WITH f AS (SELECT family FROM refresh_tokens WHERE token_hash = $1 AND user_id = $2),
+                  r AS (UPDATE refresh_tokens SET revoked_at = now()
+                        WHERE revoked_at IS NULL AND family IN (SELECT family FROM f))
+             SELECT family FROM f",
+            &[&token_hash, &user_id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// Revokes every refresh token of a user and every access token issued so far.
