@@ -165,7 +165,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"username": u.username, "role": u.role}),
             )
             .await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::with_status(201, json!(u)))
         }
         PatchUser(id) => {
@@ -197,7 +197,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"role": b.role, "active": b.active, "password_changed": h.is_some()}),
             )
             .await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!(u)))
         }
         DeleteUser(id) => {
@@ -205,7 +205,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             let u =
                 store::identity::update_user(&app.db, id, None, Some(false), None, None).await?;
             audit(app, ctx, "user.deactivate", format!("user:{id}"), json!({})).await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!(u)))
         }
         UserCredits(id) => {
@@ -274,7 +274,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"key_id": key_id, "prefix": k.prefix}),
             )
             .await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::with_status(
                 201,
                 json!({"id": key_id, "user_id": id, "api_key": k.token, "prefix": k.prefix, "created_at": created}),
@@ -290,7 +290,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"user_id": owner}),
             )
             .await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!({"revoked": true, "id": key_id})))
         }
         ListChatflows => Ok(Reply::ok(json!(store::catalog::all(&app.db).await?))),
@@ -334,7 +334,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             .await?;
             audit(app, ctx, "chatflow.pricing", format!("chatflow:{id}"),
                 json!({"credit_cost": c.credit_cost, "credits_per_1k_tokens": c.credits_per_1k_tokens, "max_hold": c.max_hold})).await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!(c)))
         }
         ChatflowUsers(id) => Ok(Reply::ok(json!(
@@ -355,7 +355,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"user_id": user_id}),
             )
             .await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::with_status(
                 if created { 201 } else { 200 },
                 json!({"chatflow_id": id, "user_id": user_id, "granted": true}),
@@ -380,7 +380,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"user_id": user_id}),
             )
             .await?;
-            app.auth.snapshot.invalidate();
+            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(
                 json!({"chatflow_id": id, "user_id": user_id, "revoked": removed}),
             ))

@@ -143,6 +143,17 @@ impl SnapshotStore {
         self.wake.notify_one();
     }
 
+    /// Reloads now, so that a change made through this instance (a revoke,
+    /// a deactivation, a grant) is in force here before its answer goes out.
+    /// Other instances follow through NOTIFY. When the database does not
+    /// answer, the background reloader takes over.
+    pub async fn refresh_now(&self, db: &Db) {
+        if let Err(e) = self.reload(db, "local change").await {
+            log::warn!("identity snapshot reload after a change failed: {e}");
+            self.invalidate();
+        }
+    }
+
     /// Runs forever: reload on wake-ups and periodically.
     pub async fn run_reloader(self: Arc<Self>, db: Db, every: Duration) {
         loop {

@@ -181,7 +181,9 @@ pub async fn start(opts: ProxyOptions) -> ProxyProcess {
                 ));
                 break;
             }
-            if is_ready(&http, &proc.base_url).await {
+            // The 200 must come from this process: a port picked free can
+            // be taken by another test's server before the proxy binds it.
+            if is_ready(&http, &proc.base_url).await && listens_on(proc.pid, port) {
                 return proc;
             }
             if Instant::now() >= deadline {
@@ -199,6 +201,33 @@ pub async fn start(opts: ProxyOptions) -> ProxyProcess {
         "flowise-proxy failed to start 3 times:\n{}",
         failures.join("\n----\n")
     );
+}
+
+/// Whether process `pid` holds a socket listening on `port` (Linux:
+/// /proc/net/tcp gives the listening socket's inode, /proc/PID/fd its owner).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return true; // no procfs: trust the answer
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let listening = *f.get(3)? == "0A";
+            let inode = f.get(9)?;
+            (local_port == port && listening).then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+            .unwrap_or(false)
+    })
 }
 
 async fn is_ready(http: &reqwest::Client, base_url: &str) -> bool {
@@ -371,7 +400,10 @@ impl ProxyProcess {
         let taken = |lines: &[String]| {
             lines.iter().any(|l| {
                 let l = l.to_ascii_lowercase();
-                l.contains("address already in use") || l.contains("addrinuse")
+                // Pingora 0.9 says "<addr> is in use, will try again".
+                l.contains("address already in use")
+                    || l.contains("addrinuse")
+                    || l.contains("is in use")
             })
         };
         taken(&self.stdout_lines()) || taken(&self.stderr_lines())
