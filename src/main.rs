@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod errors;
 mod ledger;
+mod listen_socket;
 mod metrics;
 mod proxy;
 mod server;

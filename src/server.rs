@@ -126,6 +126,7 @@ struct Maintenance {
 impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let app = self.app.clone();
+        tokio::spawn(crate::listen_socket::defer_accept(app.cfg.port));
         let snapshot = app.auth.snapshot.clone();
         if let Err(e) = snapshot.reload(&app.db, "startup").await {
             log::warn!("initial identity snapshot failed: {e}");
