@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use support::flowise::{Fail, PEER_TEST_CHATFLOW_ID as FLOW};
 use support::setup::World;
@@ -212,42 +212,27 @@ async fn health_follows_the_database() {
     ))
     .await;
     let http = support::proxy::client();
-    let health = |http: reqwest::Client, url: String| async move {
-        http.get(format!("{url}/health"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
+    // Waits until /health answers `want`.
+    let health_turns = |want: u16, secs: u64| {
+        let (http, url) = (http.clone(), format!("{}/health", proxy.base_url));
+        support::wait_until(Duration::from_secs(secs), move || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == want)
+            }
+        })
     };
-    assert!(
-        support::wait_until(Duration::from_secs(20), || health(
-            http.clone(),
-            proxy.base_url.clone()
-        )
-        .then(|s| async move { s == 200 }))
-        .await,
-        "never healthy"
-    );
+    assert!(health_turns(200, 20).await, "never healthy");
     tokio::task::block_in_place(|| cluster.stop());
     assert!(
-        support::wait_until(Duration::from_secs(20), || health(
-            http.clone(),
-            proxy.base_url.clone()
-        )
-        .then(|s| async move { s == 503 }))
-        .await,
+        health_turns(503, 20).await,
         "health stayed 200 with the database down"
     );
     tokio::task::block_in_place(|| cluster.start_again());
-    assert!(
-        support::wait_until(Duration::from_secs(30), || health(
-            http.clone(),
-            proxy.base_url.clone()
-        )
-        .then(|s| async move { s == 200 }))
-        .await,
-        "never recovered"
-    );
+    assert!(health_turns(200, 30).await, "never recovered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,7 +96,13 @@ pub async fn sessions(app: &App, ctx: &Ctx) -> ApiResult {
     Ok(Reply::ok(Value::Array(rows)))
 }
 
-pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
+/// The caller's session `id`: its chatflow and the Flowise path of its
+/// messages. 404 when it is unknown or someone else's.
+async fn owned_session_messages(
+    app: &App,
+    ctx: &Ctx,
+    id: &str,
+) -> Result<(String, String), ApiError> {
     let who = identity(ctx)?;
     let chatflow = app
         .sessions
@@ -107,6 +113,11 @@ pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
         "/api/v1/chatmessage/{chatflow}?chatId={}",
         crate::proxy::route_urlencode(id)
     );
+    Ok((chatflow, path))
+}
+
+pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
+    let (chatflow, path) = owned_session_messages(app, ctx, id).await?;
     let (status, body) = flowise_call(app, ctx, "GET", &path).await?;
     if !(200..300).contains(&status) {
         return Err(ApiError::upstream_error());
@@ -152,15 +163,7 @@ pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
 
 pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
     let who = identity(ctx)?;
-    let chatflow = app
-        .sessions
-        .owned(&app.db, id, who.user_id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let path = format!(
-        "/api/v1/chatmessage/{chatflow}?chatId={}",
-        crate::proxy::route_urlencode(id)
-    );
+    let (_, path) = owned_session_messages(app, ctx, id).await?;
     let (status, _) = flowise_call(app, ctx, "DELETE", &path).await?;
     if !(200..300).contains(&status) && status != 404 {
         return Err(ApiError::upstream_error());
