@@ -7,6 +7,7 @@
 //! safety net, and a lost LISTEN connection is re-established in a loop.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,13 @@ pub struct SnapshotStore {
     current: ArcSwap<Snapshot>,
     /// Wakes the reloader (a local change, or a notification).
     wake: Notify,
+    /// Reloads run concurrently (the background reloader and in-line ones
+    /// after a local change). Numbered when they start reading, a reload
+    /// installs its snapshot only if no later-started one is in place, so an
+    /// older read never replaces a newer one (a revocation never "comes
+    /// back" for a moment).
+    started: AtomicU64,
+    installed: parking_lot::Mutex<u64>,
 }
 
 impl SnapshotStore {
@@ -86,6 +94,8 @@ impl SnapshotStore {
         SnapshotStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             wake: Notify::new(),
+            started: AtomicU64::new(0),
+            installed: parking_lot::Mutex::new(0),
         }
     }
 
@@ -99,6 +109,7 @@ impl SnapshotStore {
 
     /// Reloads everything now.
     pub async fn reload(&self, db: &Db, trigger: &str) -> Result<(), store::StoreError> {
+        let seq = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let rows = store::identity::load_snapshot(db).await?;
         let mut s = Snapshot {
             loaded: Some(Instant::now()),
@@ -130,7 +141,14 @@ impl SnapshotStore {
             .into_iter()
             .map(|c| (c.id.clone(), c))
             .collect();
-        self.current.store(Arc::new(s));
+        {
+            let mut installed = self.installed.lock();
+            if seq < *installed {
+                return Ok(());
+            }
+            *installed = seq;
+            self.current.store(Arc::new(s));
+        }
         crate::metrics::SNAPSHOT_RELOADS
             .with_label_values(&[trigger])
             .inc();
