@@ -63,11 +63,7 @@ async fn fifty_concurrent_predictions_on_ten_credits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_predictions_split_over_two_instances() {
     let w = World::start().await;
-    let second = support::proxy::start(
-        support::proxy::ProxyOptions::new(w.db.url.clone(), w.flowise.url.clone())
-            .env("JWT_SECRET_KEY", w.proxy.jwt_secret.clone()),
-    )
-    .await;
+    let second = w.second_instance(|o| o).await;
     let (uid, token) = w.user_with("burst2", 10, FLOW).await;
     let (ok, short) = burst(
         vec![
@@ -180,11 +176,10 @@ async fn usage_priced_chatflows_charge_tokens_up_to_the_hold() {
     w.add_user("boss", "admin", 0);
     let admin = w.login("boss").await;
     let r = w
-        .send(
-            reqwest::Method::PATCH,
+        .patch(
             &format!("/admin/chatflows/{FLOW}"),
             &admin,
-            Some(&json!({"credit_cost": 1, "credits_per_1k_tokens": 10, "max_hold": 20})),
+            &json!({"credit_cost": 1, "credits_per_1k_tokens": 10, "max_hold": 20}),
         )
         .await;
     assert_eq!(r.status(), 200);
@@ -252,12 +247,9 @@ async fn a_killed_instance_leaves_no_stranded_credits() {
     })
     .await;
     let (uid, token) = w.user_with("crash", 5, FLOW).await;
-    let victim = support::proxy::start(
-        support::proxy::ProxyOptions::new(w.db.url.clone(), w.flowise.url.clone())
-            .env("JWT_SECRET_KEY", w.proxy.jwt_secret.clone())
-            .env("SWEEPER_INTERVAL_MS", "600000"),
-    )
-    .await;
+    let victim = w
+        .second_instance(|o| o.env("SWEEPER_INTERVAL_MS", "600000"))
+        .await;
     // Streams of twelve tokens a second apart outlive the hold TTL: what
     // settles these holds is the sweeper, never a finished stream.
     w.flowise.set_token_delay(Duration::from_secs(1));

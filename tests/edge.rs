@@ -134,6 +134,28 @@ async fn upstream_down_gives_502_and_hang_gives_504() {
     w.assert_books_balance().await;
 }
 
+/// A prediction whose body goes out chunked (no Content-Length), in pieces
+/// of `chunk` bytes.
+async fn post_chunked(
+    w: &World,
+    token: &str,
+    body: String,
+    chunk: usize,
+) -> reqwest::Result<reqwest::Response> {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
+        .into_bytes()
+        .chunks(chunk)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    w.http
+        .post(w.url(&prediction_path()))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_never_reach_flowise() {
     let w = World::start_with(|o| o.env("MAX_BODY_BYTES", "2000")).await;
@@ -153,20 +175,7 @@ async fn oversized_bodies_never_reach_flowise() {
     assert_eq!(v["code"], "body_too_large");
 
     // Chunked, no length: refused once the limit is crossed.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
-        .into_bytes()
-        .chunks(500)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
-    let r = w
-        .http
-        .post(w.url(&prediction_path()))
-        .bearer_auth(&token)
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await;
-    if let Ok(r) = r {
+    if let Ok(r) = post_chunked(&w, &token, big, 500).await {
         assert_eq!(r.status(), 413);
     }
     assert_eq!(
@@ -177,19 +186,7 @@ async fn oversized_bodies_never_reach_flowise() {
 
     // Under the limit, chunked: passes whole.
     let small = json!({"question": "small"}).to_string();
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = small
-        .clone()
-        .into_bytes()
-        .chunks(5)
-        .map(|c| Ok(c.to_vec()))
-        .collect();
-    let r = w
-        .http
-        .post(w.url(&prediction_path()))
-        .bearer_auth(&token)
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
+    let r = post_chunked(&w, &token, small.clone(), 5)
         .await
         .expect("send");
     assert_eq!(r.status(), 200);

@@ -277,11 +277,7 @@ async fn non_admins_get_403_on_admin_and_other_flowise_paths() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_a_second_instance_within_a_second() {
     let w = World::start().await;
-    let second = support::proxy::start(
-        support::proxy::ProxyOptions::new(w.db.url.clone(), w.flowise.url.clone())
-            .env("JWT_SECRET_KEY", w.proxy.jwt_secret.clone()),
-    )
-    .await;
+    let second = w.second_instance(|o| o).await;
     let on_second = |token: String, path: String| {
         let http = w.http.clone();
         let url = format!("{}{}", second.base_url, path);
@@ -319,11 +315,9 @@ async fn changes_reach_a_second_instance_within_a_second() {
     );
     // Grant removal on one: 403 on two within 1 s.
     let r = w
-        .send(
-            reqwest::Method::DELETE,
+        .delete(
             &format!("/admin/chatflows/{FLOW}/users?user_id={uid}"),
             &admin,
-            None,
         )
         .await;
     assert_eq!(r.status(), 200);
@@ -352,25 +346,14 @@ async fn changes_reach_a_second_instance_within_a_second() {
     let key2_id = key2["id"].as_i64().expect("id");
     let key2 = key2["api_key"].as_str().expect("key").to_string();
     assert!(within(200, key2.clone(), "/chat/credits".into()).await);
-    w.send(
-        reqwest::Method::DELETE,
-        &format!("/admin/api-keys/{key2_id}"),
-        &admin,
-        None,
-    )
-    .await;
+    w.delete(&format!("/admin/api-keys/{key2_id}"), &admin)
+        .await;
     assert!(
         within(401, key2, "/chat/credits".into()).await,
         "revoked key still works on instance two"
     );
     // Deactivation: every credential of the user stops working on two.
-    w.send(
-        reqwest::Method::DELETE,
-        &format!("/admin/users/{uid}"),
-        &admin,
-        None,
-    )
-    .await;
+    w.delete(&format!("/admin/users/{uid}"), &admin).await;
     assert!(
         within(401, key, "/chat/credits".into()).await,
         "deactivated user still in on instance two"

@@ -96,14 +96,7 @@ async fn another_users_session_is_out_of_reach() {
         let s = w.get(&path, &tb).await.status().as_u16();
         assert!(s == 403 || s == 404, "{path}: {s}");
     }
-    let r = w
-        .send(
-            reqwest::Method::DELETE,
-            "/chat/sessions/anna-chat-1",
-            &tb,
-            None,
-        )
-        .await;
+    let r = w.delete("/chat/sessions/anna-chat-1", &tb).await;
     assert_eq!(r.status(), 404);
     let all: Value = w
         .get_json(&format!("/api/v1/chatmessage/{FLOW}"), &tb)
@@ -119,14 +112,7 @@ async fn another_users_session_is_out_of_reach() {
     assert_eq!(w.wait_settled(a).await, (7, 0));
 
     // Anna deletes her conversation: gone from the list and from Flowise.
-    let r = w
-        .send(
-            reqwest::Method::DELETE,
-            "/chat/sessions/anna-chat-1",
-            &ta,
-            None,
-        )
-        .await;
+    let r = w.delete("/chat/sessions/anna-chat-1", &ta).await;
     assert_eq!(r.status(), 200);
     assert!(w
         .flowise

@@ -30,6 +30,21 @@ async fn audit(
     Ok(())
 }
 
+/// Audits a change to users, keys, grants or prices, then reloads this
+/// instance's identity snapshot so the change is in force here before the
+/// answer goes out (other instances follow through NOTIFY).
+async fn audit_identity_change(
+    app: &App,
+    ctx: &Ctx,
+    action: &str,
+    target: String,
+    details: Value,
+) -> Result<(), ApiError> {
+    audit(app, ctx, action, target, details).await?;
+    app.auth.snapshot.refresh_now(&app.db).await;
+    Ok(())
+}
+
 fn valid_role(r: &str) -> Result<(), ApiError> {
     if r == "admin" || r == "user" {
         Ok(())
@@ -157,7 +172,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             let u =
                 store::identity::create_user(&app.db, &b.username, &h, &b.role, b.email.as_deref())
                     .await?;
-            audit(
+            audit_identity_change(
                 app,
                 ctx,
                 "user.create",
@@ -165,7 +180,6 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"username": u.username, "role": u.role}),
             )
             .await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::with_status(201, json!(u)))
         }
         PatchUser(id) => {
@@ -189,7 +203,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 h.as_deref(),
             )
             .await?;
-            audit(
+            audit_identity_change(
                 app,
                 ctx,
                 "user.update",
@@ -197,15 +211,14 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"role": b.role, "active": b.active, "password_changed": h.is_some()}),
             )
             .await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!(u)))
         }
         DeleteUser(id) => {
             // Deactivate: the ledger keeps its history.
             let u =
                 store::identity::update_user(&app.db, id, None, Some(false), None, None).await?;
-            audit(app, ctx, "user.deactivate", format!("user:{id}"), json!({})).await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
+            audit_identity_change(app, ctx, "user.deactivate", format!("user:{id}"), json!({}))
+                .await?;
             Ok(Reply::ok(json!(u)))
         }
         UserCredits(id) => {
@@ -266,7 +279,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 b.name.as_deref(),
             )
             .await?;
-            audit(
+            audit_identity_change(
                 app,
                 ctx,
                 "apikey.create",
@@ -274,7 +287,6 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"key_id": key_id, "prefix": k.prefix}),
             )
             .await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::with_status(
                 201,
                 json!({"id": key_id, "user_id": id, "api_key": k.token, "prefix": k.prefix, "created_at": created}),
@@ -282,7 +294,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
         }
         RevokeApiKey(key_id) => {
             let owner = store::identity::revoke_api_key(&app.db, key_id).await?;
-            audit(
+            audit_identity_change(
                 app,
                 ctx,
                 "apikey.revoke",
@@ -290,7 +302,6 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"user_id": owner}),
             )
             .await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!({"revoked": true, "id": key_id})))
         }
         ListChatflows => Ok(Reply::ok(json!(store::catalog::all(&app.db).await?))),
@@ -332,9 +343,8 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 b.max_hold,
             )
             .await?;
-            audit(app, ctx, "chatflow.pricing", format!("chatflow:{id}"),
+            audit_identity_change(app, ctx, "chatflow.pricing", format!("chatflow:{id}"),
                 json!({"credit_cost": c.credit_cost, "credits_per_1k_tokens": c.credits_per_1k_tokens, "max_hold": c.max_hold})).await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(json!(c)))
         }
         ChatflowUsers(id) => Ok(Reply::ok(json!(
@@ -347,7 +357,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 return Err(ApiError::not_found());
             }
             let created = store::identity::grant(&app.db, user_id, &id).await?;
-            audit(
+            audit_identity_change(
                 app,
                 ctx,
                 "grant.add",
@@ -355,7 +365,6 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"user_id": user_id}),
             )
             .await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::with_status(
                 if created { 201 } else { 200 },
                 json!({"chatflow_id": id, "user_id": user_id, "granted": true}),
@@ -372,7 +381,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             };
             let user_id = resolve_user(app, &b).await?;
             let removed = store::identity::revoke_grant(&app.db, user_id, &id).await?;
-            audit(
+            audit_identity_change(
                 app,
                 ctx,
                 "grant.remove",
@@ -380,7 +389,6 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 json!({"user_id": user_id}),
             )
             .await?;
-            app.auth.snapshot.refresh_now(&app.db).await;
             Ok(Reply::ok(
                 json!({"chatflow_id": id, "user_id": user_id, "revoked": removed}),
             ))

@@ -161,18 +161,16 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, String> {
 /// Publishes pool usage to the metrics.
 pub fn record_pool_metrics(pool: &Pool) {
     let s = pool.status();
-    crate::metrics::DB_POOL
-        .with_label_values(&["size"])
-        .set(s.size as i64);
-    crate::metrics::DB_POOL
-        .with_label_values(&["available"])
-        .set(s.available as i64);
-    crate::metrics::DB_POOL
-        .with_label_values(&["waiting"])
-        .set(s.waiting as i64);
-    crate::metrics::DB_POOL
-        .with_label_values(&["max"])
-        .set(s.max_size as i64);
+    for (label, value) in [
+        ("size", s.size),
+        ("available", s.available),
+        ("waiting", s.waiting),
+        ("max", s.max_size),
+    ] {
+        crate::metrics::DB_POOL
+            .with_label_values(&[label])
+            .set(value as i64);
+    }
 }
 
 /// Cheap liveness probe used by `/health`.

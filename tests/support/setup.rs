@@ -72,6 +72,28 @@ impl World {
             .await
     }
 
+    /// `DELETE path` as `token`.
+    pub async fn delete(&self, path: &str, token: &str) -> reqwest::Response {
+        self.send(reqwest::Method::DELETE, path, token, None).await
+    }
+
+    /// `PATCH path` with a JSON body, as `token`.
+    pub async fn patch(&self, path: &str, token: &str, body: &Value) -> reqwest::Response {
+        self.send(reqwest::Method::PATCH, path, token, Some(body))
+            .await
+    }
+
+    /// Another proxy instance on the same database, Flowise and JWT secret,
+    /// with extra environment from `f`.
+    pub async fn second_instance(
+        &self,
+        f: impl FnOnce(ProxyOptions) -> ProxyOptions,
+    ) -> ProxyProcess {
+        let opts = ProxyOptions::new(self.db.url.clone(), self.flowise.url.clone())
+            .env("JWT_SECRET_KEY", self.proxy.jwt_secret.clone());
+        proxy::start(f(opts)).await
+    }
+
     /// `GET path` as `token`: the JSON answer, whatever its status.
     pub async fn get_json(&self, path: &str, token: &str) -> Value {
         json_of(self.get(path, token).await).await
