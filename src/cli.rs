@@ -314,14 +314,10 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
             chatflow_id,
         } => {
             let id = user_id(username).await?;
-            let c = store::connect(url).await.map_err(|e| e.to_string())?;
             // The catalogue may not have synced yet: make sure the row exists.
-            c.execute(
-                "INSERT INTO chatflows (id) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&chatflow_id],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            store::catalog::ensure_known(&db, &chatflow_id)
+                .await
+                .map_err(|e| e.to_string())?;
             store::identity::grant(&db, id, &chatflow_id)
                 .await
                 .map_err(|e| e.to_string())?;

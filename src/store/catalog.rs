@@ -40,6 +40,18 @@ pub async fn all_in(c: &impl deadpool_postgres::GenericClient) -> StoreResult<Ve
     Ok(rows.iter().map(row).collect())
 }
 
+/// Adds a placeholder row for a chatflow the catalogue has not synced yet
+/// (the next sync fills it in); an existing row is left alone.
+pub async fn ensure_known(db: &Db, id: &str) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.execute(
+        "INSERT INTO chatflows (id) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn all(db: &Db) -> StoreResult<Vec<ChatflowRow>> {
     let c = db.get().await?;
     all_in(&c).await
