@@ -41,7 +41,7 @@ async fn audit_identity_change(
     details: Value,
 ) -> Result<(), ApiError> {
     audit(app, ctx, action, target, details).await?;
-    app.auth.snapshot.refresh_now(&app.db).await;
+    app.auth.snapshot.refresh_now().await;
     Ok(())
 }
 

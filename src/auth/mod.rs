@@ -339,7 +339,7 @@ impl Auth {
     /// revoked ids until the last of them has expired.
     async fn revoke_family_access(&self, db: &Db, family: Uuid) -> Result<(), ApiError> {
         store::identity::revoke_access_token(db, family, Utc::now() + self.access_lifetime).await?;
-        self.snapshot.refresh_now(db).await;
+        self.snapshot.refresh_now().await;
         Ok(())
     }
 
@@ -367,7 +367,7 @@ impl Auth {
         if let Credential::Jwt { jti, expires_at } = &who.credential {
             store::identity::revoke_access_token(db, *jti, *expires_at).await?;
         }
-        self.snapshot.refresh_now(db).await;
+        self.snapshot.refresh_now().await;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::store::{self, catalog::ChatflowRow, Db};
@@ -80,13 +80,12 @@ pub struct SnapshotStore {
     current: ArcSwap<Snapshot>,
     /// Wakes the reloader (a local change, or a notification).
     wake: Notify,
-    /// Reloads run concurrently (the background reloader and in-line ones
-    /// after a local change). Numbered when they start reading, a reload
-    /// installs its snapshot only if no later-started one is in place, so an
-    /// older read never replaces a newer one (a revocation never "comes
-    /// back" for a moment).
+    /// Reloads are numbered when they start reading. A reload installs its
+    /// snapshot only if no later-started one is in place (an older read
+    /// never replaces a newer one), and [`refresh_now`](Self::refresh_now)
+    /// waits on `installed` for a reload that started after its change.
     started: AtomicU64,
-    installed: parking_lot::Mutex<u64>,
+    installed: watch::Sender<u64>,
 }
 
 impl SnapshotStore {
@@ -95,7 +94,7 @@ impl SnapshotStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
             wake: Notify::new(),
             started: AtomicU64::new(0),
-            installed: parking_lot::Mutex::new(0),
+            installed: watch::channel(0).0,
         }
     }
 
@@ -141,13 +140,16 @@ impl SnapshotStore {
             .into_iter()
             .map(|c| (c.id.clone(), c))
             .collect();
-        {
-            let mut installed = self.installed.lock();
+        let newest = self.installed.send_if_modified(|installed| {
             if seq < *installed {
-                return Ok(());
+                return false;
             }
             *installed = seq;
             self.current.store(Arc::new(s));
+            true
+        });
+        if !newest {
+            return Ok(());
         }
         crate::metrics::SNAPSHOT_RELOADS
             .with_label_values(&[trigger])
@@ -161,14 +163,24 @@ impl SnapshotStore {
         self.wake.notify_one();
     }
 
-    /// Reloads now, so that a change made through this instance (a revoke,
-    /// a deactivation, a grant) is in force here before its answer goes out.
-    /// Other instances follow through NOTIFY. When the database does not
-    /// answer, the background reloader takes over.
-    pub async fn refresh_now(&self, db: &Db) {
-        if let Err(e) = self.reload(db, "local change").await {
-            log::warn!("identity snapshot reload after a change failed: {e}");
-            self.invalidate();
+    /// Wakes the reloader and waits (up to 2 s) until a reload that started
+    /// after the caller's change is installed, so that a change made through
+    /// this instance (a revoke, a deactivation, a grant) is in force here
+    /// before its answer goes out. It is the same reload the change's NOTIFY
+    /// asks for, not a second one. Other instances follow through NOTIFY.
+    pub async fn refresh_now(&self) {
+        let wanted = self.started.load(Ordering::SeqCst) + 1;
+        let mut installed = self.installed.subscribe();
+        self.invalidate();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(2),
+            installed.wait_for(|seq| *seq >= wanted),
+        )
+        .await;
+        if !matches!(waited, Ok(Ok(_))) {
+            log::warn!(
+                "identity snapshot not reloaded within 2 s of a change; the reloader keeps trying"
+            );
         }
     }
 
