@@ -76,10 +76,15 @@ pub async fn run(session: &mut Session, app: &App, ctx: &mut Ctx) -> Result<(), 
     if conversation.is_none() {
         if let Some(learned) = ctx.upstream.seen.session_id.clone() {
             if valid_session_id(&learned) {
-                let _ = app
+                // The answer is out already; a failed bind leaves the session
+                // unbound until its owner's next request claims it.
+                if let Err(e) = app
                     .sessions
                     .claim(&app.db, &learned, who.user_id, &chatflow_id)
-                    .await;
+                    .await
+                {
+                    log::warn!("binding a new Flowise session failed: {e}");
+                }
             }
         }
     }
