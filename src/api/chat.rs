@@ -116,13 +116,13 @@ async fn owned_session_messages(
     Ok((chatflow, path))
 }
 
-pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let (chatflow, path) = owned_session_messages(app, ctx, id).await?;
-    let (status, body) = flowise_call(app, ctx, "GET", &path).await?;
-    if !(200..300).contains(&status) {
-        return Err(ApiError::upstream_error());
-    }
-    let rows: Vec<Value> = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
+/// Flowise's messages of one conversation in the seed API's shape (the
+/// answer of `GET /chat/sessions/{id}/history`, rewritten as it passes).
+pub fn history(id: &str, chatflow: &str, flowise_rows: Value) -> Value {
+    let rows = match flowise_rows {
+        Value::Array(rows) => rows,
+        _ => Vec::new(),
+    };
     let mut messages: Vec<Value> = rows
         .into_iter()
         .filter(|m| {
@@ -156,9 +156,15 @@ pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
         };
         t(a).cmp(&t(b))
     });
-    Ok(Reply::ok(
-        json!({"session_id": id, "chatflow_id": chatflow, "messages": messages}),
-    ))
+    json!({"session_id": id, "chatflow_id": chatflow, "messages": messages})
+}
+
+/// `GET /chat/sessions/{id}/history` is answered by Flowise through the proxy
+/// loop: this decides the Flowise path (404 when the session is not the caller's).
+pub async fn history_path(app: &App, ctx: &mut Ctx, id: &str) -> Result<String, ApiError> {
+    let (chatflow, path) = owned_session_messages(app, ctx, id).await?;
+    ctx.chatflow_id = Some(chatflow);
+    Ok(path)
 }
 
 pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
@@ -202,27 +208,4 @@ pub fn chatflow(app: &App, id: &str) -> ApiResult {
     let snap = app.auth.snapshot.get();
     let c = snap.chatflow(id).ok_or_else(ApiError::not_found)?;
     Ok(Reply::ok(chatflow_json(app, c)))
-}
-
-pub async fn chatflow_config(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let (status, body) = flowise_call(
-        app,
-        ctx,
-        "GET",
-        &format!("/api/v1/public-chatbotConfig/{id}"),
-    )
-    .await?;
-    if !(200..300).contains(&status) {
-        return Err(if status == 404 || status == 500 {
-            ApiError::not_found()
-        } else {
-            ApiError::upstream_error()
-        });
-    }
-    let mut v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
-    if let Value::Object(m) = &mut v {
-        // The flow's internals (nodes, credentials ids, prompts) stay private.
-        m.remove("flowData");
-    }
-    Ok(Reply::ok(v))
 }

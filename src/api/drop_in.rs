@@ -1,7 +1,6 @@
 //! Drop-in mode: the checks Flowise's own API needs when it is reached through
 //! the proxy, and the answers we must filter.
 
-use pingora_http::RequestHeader;
 use serde_json::Value;
 
 use super::{flowise_call, ApiResult, Reply};
@@ -17,17 +16,29 @@ fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// Checks a pass-through request. `Some(reply)` answers it here instead.
-pub async fn check(
-    app: &App,
-    ctx: &mut Ctx,
-    _req: &RequestHeader,
-) -> Result<Option<Reply>, ApiError> {
+/// How a request to a Flowise route goes on.
+pub enum FlowiseCall {
+    /// Through the proxy loop, to this path (and query) when not the client's own.
+    Forward(Option<String>),
+    /// Answered here.
+    Answered(Reply),
+}
+
+/// Decides a request to a Flowise route: ownership of the conversation it
+/// names, and the path Flowise is asked for.
+pub async fn decide(app: &App, ctx: &mut Ctx) -> Result<FlowiseCall, ApiError> {
+    let forward = |p: String| Ok(FlowiseCall::Forward(Some(p)));
+    match ctx.route.clone() {
+        Route::SessionHistory(id) => return forward(super::chat::history_path(app, ctx, &id).await?),
+        Route::ChatflowConfig(id) => return forward(format!("/api/v1/public-chatbotConfig/{id}")),
+        Route::FlowiseSecret => return Err(ApiError::forbidden()),
+        _ => {}
+    }
     let Some(who) = ctx.identity.clone() else {
-        return Ok(None);
+        return Ok(FlowiseCall::Forward(None));
     };
     if who.is_admin() {
-        return Ok(None);
+        return Ok(FlowiseCall::Forward(None));
     }
     match ctx.route.clone() {
         Route::FlowiseChatMessage(chatflow) => {
@@ -38,10 +49,15 @@ pub async fn check(
                     if owned.as_deref() != Some(chatflow.as_str()) {
                         return Err(ApiError::forbidden());
                     }
-                    ctx.forced_session = Some(id);
-                    Ok(None)
+                    // Only the checked conversation, whatever else the query said.
+                    forward(format!(
+                        "/api/v1/chatmessage/{chatflow}?chatId={}",
+                        crate::proxy::route_urlencode(&id)
+                    ))
                 }
-                None => Ok(Some(own_messages(app, ctx, &chatflow, who.user_id).await?)),
+                None => Ok(FlowiseCall::Answered(
+                    own_messages(app, ctx, &chatflow, who.user_id).await?,
+                )),
             }
         }
         Route::FlowiseAttachments(chatflow, chat) => {
@@ -52,22 +68,40 @@ pub async fn check(
             {
                 return Err(ApiError::forbidden());
             }
-            Ok(None)
+            Ok(FlowiseCall::Forward(None))
         }
         Route::FlowiseUploadFile => {
             let chatflow = query_param(ctx, "chatflowId")
                 .ok_or_else(|| ApiError::validation("chatflowId is required"))?;
             let chat = query_param(ctx, "chatId")
                 .ok_or_else(|| ApiError::validation("chatId is required"))?;
+            let file = query_param(ctx, "fileName")
+                .ok_or_else(|| ApiError::validation("fileName is required"))?;
+            if file.is_empty()
+                || file.len() > 255
+                || file.contains(['/', '\\', '\0'])
+                || file == "."
+                || file == ".."
+            {
+                return Err(ApiError::validation("Invalid fileName"));
+            }
             pipeline_check_chatflow(app, ctx, &chatflow)?;
             let owned = app.sessions.owned(&app.db, &chat, who.user_id).await?;
             if owned.as_deref() != Some(chatflow.as_str()) {
                 return Err(ApiError::forbidden());
             }
-            ctx.chatflow_id = Some(chatflow);
-            Ok(None)
+            ctx.chatflow_id = Some(chatflow.clone());
+            // A query rebuilt from the checked values only: duplicates or extra
+            // parameters in the client's query never reach Flowise.
+            let enc = crate::proxy::route_urlencode;
+            forward(format!(
+                "/api/v1/get-upload-file?chatflowId={}&chatId={}&fileName={}",
+                enc(&chatflow),
+                enc(&chat),
+                enc(&file)
+            ))
         }
-        _ => Ok(None),
+        _ => Ok(FlowiseCall::Forward(None)),
     }
 }
 
@@ -97,38 +131,19 @@ async fn own_messages(app: &App, ctx: &Ctx, chatflow: &str, user_id: i64) -> Api
     Ok(Reply::ok(Value::Array(out)))
 }
 
-/// `GET /api/v1/chatflows`: Flowise's list in Flowise's row shape, cut down to
-/// the caller's grants.
-pub async fn chatflows(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = ctx.identity.as_ref().ok_or_else(ApiError::unauthorized)?;
-    let path = match ctx.query.as_deref() {
-        Some(q) => format!("/api/v1/chatflows?{q}"),
-        None => "/api/v1/chatflows".to_string(),
-    };
-    let (status, body) = flowise_call(app, ctx, "GET", &path).await?;
-    if !(200..300).contains(&status) {
-        return Err(ApiError::upstream_error());
-    }
-    if who.is_admin() {
-        return Ok(Reply::raw_json(200, body.to_vec()));
-    }
-    let snap = app.auth.snapshot.get();
-    let keep = |row: &Value| {
-        row.get("id")
-            .and_then(Value::as_str)
-            .is_some_and(|id| snap.is_granted(who.user_id, id) && snap.chatflow(id).is_some())
-    };
-    let mut v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
-    match &mut v {
-        Value::Array(rows) => rows.retain(keep),
+/// `GET /api/v1/chatflows` for a non-admin: Flowise's list in Flowise's row
+/// shape (array, or `{data,total}` when paginated), cut down to `keep`.
+pub fn keep_granted(v: &mut Value, keep: impl Fn(&str) -> bool) {
+    let keep_row = |row: &Value| row.get("id").and_then(Value::as_str).is_some_and(&keep);
+    match v {
+        Value::Array(rows) => rows.retain(keep_row),
         Value::Object(m) => {
             if let Some(Value::Array(rows)) = m.get_mut("data") {
-                rows.retain(keep);
+                rows.retain(keep_row);
                 let n = rows.len();
                 m.insert("total".into(), Value::from(n));
             }
         }
-        _ => return Err(ApiError::upstream_error()),
+        _ => *v = Value::Array(Vec::new()),
     }
-    Ok(Reply::ok(v))
 }

@@ -33,13 +33,6 @@ impl Reply {
             headers: Vec::new(),
         }
     }
-    pub fn raw_json(status: u16, body: Vec<u8>) -> Reply {
-        Reply {
-            status,
-            body,
-            headers: Vec::new(),
-        }
-    }
 }
 
 pub type ApiResult = Result<Reply, ApiError>;
@@ -56,12 +49,9 @@ pub async fn handle(app: &App, ctx: &mut Ctx) -> ApiResult {
         Route::Revoke => chat::revoke(app, ctx).await,
         Route::Credits => chat::credits(app, ctx).await,
         Route::Sessions => chat::sessions(app, ctx).await,
-        Route::SessionHistory(id) => chat::session_history(app, ctx, &id).await,
         Route::SessionDelete(id) => chat::session_delete(app, ctx, &id).await,
         Route::Chatflows => chat::chatflows(app, ctx),
         Route::Chatflow(id) => chat::chatflow(app, &id),
-        Route::ChatflowConfig(id) => chat::chatflow_config(app, ctx, &id).await,
-        Route::FlowiseChatflows => drop_in::chatflows(app, ctx).await,
         Route::Admin(r) => admin::handle(app, ctx, r).await,
         _ => Err(ApiError::not_found()),
     }

@@ -7,10 +7,9 @@
 //!   (or refuses: 402) before Flowise is called.
 //! * Settlement: exactly once per hold, off the response path, through a queue
 //!   that retries until the database has it:
-//!   captured when Flowise answered successfully (also when the client walked
-//!   away after the answer began); voided when Flowise was never reached,
-//!   answered an error status, timed out before answering, or reported an
-//!   `error` event in its stream.
+//!   see `settlement` for the rule (captured when Flowise completed a
+//!   successful answer, or the client walked away after it began; voided
+//!   otherwise).
 //! * Expiry: holds never settled (the instance died) are voided by the sweeper
 //!   after `HOLD_TTL_SECONDS`; any number of instances may sweep at once.
 
@@ -76,12 +75,27 @@ pub struct UpstreamOutcome {
     /// Flowise's response status, when a response header arrived.
     pub status: Option<u16>,
     pub seen: Observation,
+    /// Flowise's answer reached its end (by its HTTP framing).
+    pub completed: bool,
+    /// The client went away after Flowise began answering.
+    pub client_left: bool,
+    /// Flowise broke its answer off (read error, or closed before the end).
+    pub broken: bool,
 }
 
 /// The settlement rule: `Some(amount)` to capture, `None` to void.
+///
+/// Captured when Flowise answered successfully and either completed its
+/// answer or the client walked away after it began answering. Voided when
+/// Flowise was never reached or never answered (timeout, client gone first),
+/// answered an error status, reported an `error` event, or broke its answer
+/// off before its end.
 pub fn settlement(price: &Price, outcome: &UpstreamOutcome) -> Option<i64> {
     let status = outcome.status?;
-    if !(200..300).contains(&status) || outcome.seen.error {
+    if !(200..300).contains(&status) || outcome.seen.error || outcome.broken {
+        return None;
+    }
+    if !(outcome.completed || outcome.client_left) {
         return None;
     }
     Some(price.charge(&outcome.seen))
@@ -240,15 +254,20 @@ impl Ledger {
         )
         .await;
         for (job, r) in batch.iter().zip(results) {
-            let kept = r?;
+            let settled = r?;
             let label = match job.kind {
                 SettleKind::Capture => "captured",
                 _ => "voided",
             };
-            if let Some(kept) = kept {
+            // Captured: what was kept; voided: what was given back.
+            if let Some((kept, amount)) = settled {
+                let moved = match job.kind {
+                    SettleKind::Capture => kept,
+                    _ => amount,
+                };
                 crate::metrics::CREDITS
                     .with_label_values(&[label])
-                    .inc_by(kept as u64);
+                    .inc_by(moved.max(0) as u64);
             }
             crate::metrics::SETTLEMENT_LAG_SECONDS
                 .with_label_values(&[label])
@@ -316,8 +335,17 @@ mod tests {
         assert_eq!((p.flat, p.hold), (1, 1));
         let ok = UpstreamOutcome {
             status: Some(200),
-            seen: Observation::default(),
+            completed: true,
+            ..Default::default()
         };
+        let mut broken = ok.clone();
+        broken.completed = false;
+        broken.broken = true;
+        assert_eq!(settlement(&p, &broken), None, "broken off: voided");
+        let mut left = broken.clone();
+        left.broken = false;
+        left.client_left = true;
+        assert_eq!(settlement(&p, &left), Some(1), "client walked away: captured");
         assert_eq!(settlement(&p, &ok), Some(1));
         assert_eq!(settlement(&p, &UpstreamOutcome::default()), None);
         let err = UpstreamOutcome {

@@ -73,7 +73,7 @@ pub async fn settle(
     hold_id: Uuid,
     kind: SettleKind,
     capture: i64,
-) -> Result<Option<i64>, tokio_postgres::Error> {
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
     let stmt = c
         .prepare_cached(
             "WITH h AS (
@@ -88,7 +88,7 @@ pub async fn settle(
                 INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id)
                 SELECT user_id, $4, amount - kept, -amount, $1, request_id, chatflow_id FROM h
              )
-             SELECT kept FROM h",
+             SELECT kept, amount FROM h",
         )
         .await?;
     let capture = if kind == SettleKind::Capture {
@@ -102,7 +102,7 @@ pub async fn settle(
             &[&hold_id, &kind.state(), &capture, &kind.ledger_kind()],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 /// Expires open holds older than `ttl_seconds`, as any instance may, at once with
