@@ -157,7 +157,10 @@ pub fn init() {
     // alerts and dashboards have data before the first event.
     let labelled: [(&IntCounterVec, &[&str]); 7] = [
         (&CREDITS, &["held", "captured", "voided", "expired"]),
-        (&UPSTREAM_ERRORS, &["no_healthy", "connect", "timeout", "read"]),
+        (
+            &UPSTREAM_ERRORS,
+            &["no_healthy", "connect", "timeout", "read"],
+        ),
         (
             &AUTH_FAILURES,
             &[

@@ -29,7 +29,9 @@ pub enum FlowiseCall {
 pub async fn decide(app: &App, ctx: &mut Ctx) -> Result<FlowiseCall, ApiError> {
     let forward = |p: String| Ok(FlowiseCall::Forward(Some(p)));
     match ctx.route.clone() {
-        Route::SessionHistory(id) => return forward(super::chat::history_path(app, ctx, &id).await?),
+        Route::SessionHistory(id) => {
+            return forward(super::chat::history_path(app, ctx, &id).await?)
+        }
         Route::ChatflowConfig(id) => return forward(format!("/api/v1/public-chatbotConfig/{id}")),
         Route::FlowiseSecret => return Err(ApiError::forbidden()),
         _ => {}

@@ -345,7 +345,11 @@ mod tests {
         let mut left = broken.clone();
         left.broken = false;
         left.client_left = true;
-        assert_eq!(settlement(&p, &left), Some(1), "client walked away: captured");
+        assert_eq!(
+            settlement(&p, &left),
+            Some(1),
+            "client walked away: captured"
+        );
         assert_eq!(settlement(&p, &ok), Some(1));
         assert_eq!(settlement(&p, &UpstreamOutcome::default()), None);
         let err = UpstreamOutcome {

@@ -67,11 +67,7 @@ impl BodyFlow<'_> {
     /// Handles one chunk. `body` is what goes to Flowise now (an empty chunk
     /// sends nothing); at the end, the conversation named by a prediction body
     /// comes back for the caller to check before releasing `held`.
-    pub async fn chunk(
-        &mut self,
-        body: &mut Option<Bytes>,
-        end: bool,
-    ) -> Result<Seen, ApiError> {
+    pub async fn chunk(&mut self, body: &mut Option<Bytes>, end: bool) -> Result<Seen, ApiError> {
         let n = body.as_ref().map_or(0, Bytes::len);
         *self.received += n;
         if !matches!(self.plan, RequestBody::Replace(_)) && *self.received > self.limit {

@@ -6,17 +6,17 @@ use bytes::{Bytes, BytesMut};
 use pingora_core::{Error, Result};
 use pingora_proxy::Session;
 
+use super::body::{BodyFlow, RequestBody, Seen};
 use super::ctx::Ctx;
 use super::route::{Access, Route, Serve};
 use super::{predict, respond};
-use super::body::{BodyFlow, RequestBody, Seen};
 use crate::api;
 use crate::api::drop_in::FlowiseCall;
+use crate::app::App;
+use crate::errors::ApiError;
 use crate::upstream::client::UpstreamFailure;
 use pingora_core::ErrorType;
 use pingora_http::RequestHeader;
-use crate::app::App;
-use crate::errors::ApiError;
 
 pub enum Next {
     /// A response was written: stop here.

@@ -124,9 +124,7 @@ impl Upstreams {
     /// The next healthy server not in `tried`, round-robin; `None` when there is none.
     pub fn select(&self, tried: &[usize]) -> Option<Chosen<'_>> {
         let index_of = |b: &pingora_load_balancing::Backend| {
-            b.addr
-                .as_inet()
-                .and_then(|a| self.by_addr.get(a).copied())
+            b.addr.as_inet().and_then(|a| self.by_addr.get(a).copied())
         };
         let backend = self.lb.select_with(b"", 256, |b, healthy| {
             healthy && index_of(b).is_some_and(|i| !tried.contains(&i))

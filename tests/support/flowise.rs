@@ -226,6 +226,7 @@ struct Inner {
     fail: Fail,
     usage: Option<(u64, u64)>,
     predictions: u64,
+    aborted: u64,
     messages: Vec<StoredMessage>,
     files: Vec<StoredFile>,
     last_ts: DateTime<Utc>,
@@ -285,6 +286,7 @@ pub async fn start(cfg: FlowiseConfig) -> TestFlowise {
             fail: Fail::None,
             usage: None,
             predictions: 0,
+            aborted: 0,
             messages: Vec::new(),
             files: Vec::new(),
             last_ts: Utc::now(),
@@ -344,10 +346,15 @@ impl TestFlowise {
         inner.files.clear();
     }
 
-    /// How many `POST /api/v1/prediction/...` requests arrived (whatever the
-    /// outcome: rejected, failed, hung or answered).
+    /// How many `POST /api/v1/prediction/...` requests arrived whole (whatever
+    /// the outcome: rejected, failed, hung or answered).
     pub fn prediction_count(&self) -> u64 {
         self.state.lock().predictions
+    }
+
+    /// Requests whose body was cut short by the client (never acted on).
+    pub fn aborted_count(&self) -> u64 {
+        self.state.lock().aborted
     }
 
     /// Pause between streamed events (read live before each event).
@@ -549,8 +556,11 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
     let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(b) => b,
         Err(e) => {
+            // Like Flowise (Express's body parser: "request aborted"), a request
+            // whose body never completed is not acted on, and not recorded.
             eprintln!("[test flowise] reading request body: {e}");
-            Bytes::new()
+            state.lock().aborted += 1;
+            return error_json(400, "request aborted");
         }
     };
     let method = parts.method.clone();
