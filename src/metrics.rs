@@ -180,7 +180,10 @@ pub fn init() {
         ),
         (&LOGINS, &["success", "failure"]),
         (&SNAPSHOT_RELOADS, &["startup", "notify", "periodic"]),
-        (&LEDGER_ERRORS, &["hold", "settle", "sweep"]),
+        (
+            &LEDGER_ERRORS,
+            &["hold", "settle", "sweep", "renew", "late_capture"],
+        ),
         (&DB_ERRORS, &["pool", "query"]),
     ];
     for (vec, labels) in labelled {

@@ -138,6 +138,7 @@ impl BackgroundService for Maintenance {
         );
         tokio::spawn(snapshot.run_listener(app.cfg.database_url.clone()));
         tokio::spawn(app.ledger.clone().run_settler());
+        tokio::spawn(app.ledger.clone().run_renewer(app.cfg.hold_ttl));
         tokio::spawn(
             app.ledger
                 .clone()

@@ -485,3 +485,48 @@ async fn flowise_failures_follow_the_route_policy() {
     );
     w.assert_books_balance().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flowise_key_never_leaves_the_proxy() {
+    let w = World::start().await;
+    w.add_user("root", "admin", 10);
+    let admin = w.login("root").await;
+    let key = support::flowise::DEFAULT_API_KEY;
+    for path in [
+        "/api/v1/apikey",
+        "/api/v1/apikey/",
+        "/api/v1/credentials",
+        "/api/v1/variables",
+        "/api/v1/APIKEY",
+    ] {
+        let r = w.get(path, &admin).await;
+        assert_eq!(r.status(), 403, "{path} is refused to admins too");
+        assert!(!r.text().await.expect("text").contains(key));
+    }
+    let r = w
+        .post(
+            &format!("/api/v1/prediction/{FLOW}"),
+            &admin,
+            &json!({"question": "hi"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    for path in [
+        "/api/v1/ping".to_string(),
+        "/api/v1/chatflows".to_string(),
+        format!("/api/v1/chatflows/{FLOW}"),
+        format!("/api/v1/public-chatbotConfig/{FLOW}"),
+        format!("/api/v1/chatflows-streaming/{FLOW}"),
+        format!("/api/v1/chatmessage/{FLOW}"),
+        "/api/v1/version".to_string(),
+        "/api/v1/nodes".to_string(),
+    ] {
+        let r = w.get(&path, &admin).await;
+        let headers = format!("{:?}", r.headers());
+        let text = r.text().await.expect("text");
+        assert!(
+            !text.contains(key) && !headers.contains(key),
+            "{path}: {text}"
+        );
+    }
+}

@@ -10,8 +10,13 @@
 //!   see `settlement` for the rule (captured when Flowise completed a
 //!   successful answer, or the client walked away after it began; voided
 //!   otherwise).
-//! * Expiry: holds never settled (the instance died) are voided by the sweeper
-//!   after `HOLD_TTL_SECONDS`; any number of instances may sweep at once.
+//! * Lifetime: a hold never expires while its request runs: the instance
+//!   serving it renews it every third of `HOLD_TTL_SECONDS`. Holds never
+//!   settled (the instance died, so renewal stopped) are voided by the sweeper
+//!   `HOLD_TTL_SECONDS` after their last renewal; any number of instances may
+//!   sweep at once. A capture that finds its hold already expired is logged
+//!   and counted (`ledger_errors_total{op="late_capture"}`), never dropped
+//!   silently.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -126,6 +131,8 @@ struct Job {
 
 pub struct Ledger {
     db: Db,
+    /// Holds of requests in flight on this instance (renewed until settled).
+    live: Mutex<std::collections::HashMap<Uuid, i64>>,
     queue: Mutex<VecDeque<Job>>,
     wake: Notify,
     depth: AtomicUsize,
@@ -135,6 +142,7 @@ impl Ledger {
     pub fn new(db: Db) -> Arc<Ledger> {
         Arc::new(Ledger {
             db,
+            live: Mutex::new(std::collections::HashMap::new()),
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             depth: AtomicUsize::new(0),
@@ -155,6 +163,7 @@ impl Ledger {
         let id = Uuid::now_v7();
         match sql::place_hold(&self.db, id, request_id, user_id, chatflow_id, price.hold).await {
             Ok(Some(available_after)) => {
+                self.live.lock().insert(id, user_id);
                 crate::metrics::CREDITS
                     .with_label_values(&["held"])
                     .inc_by(price.hold as u64);
@@ -184,6 +193,9 @@ impl Ledger {
             Some(a) => (SettleKind::Capture, a),
             None => (SettleKind::Void, 0),
         };
+        // Settled (queued): no longer renewed. The queue retries until the
+        // database has it, within the hold's lifetime in all but a long outage.
+        self.live.lock().remove(&hold.id);
         self.queue.lock().push_back(Job {
             hold_id: hold.id,
             kind,
@@ -260,6 +272,16 @@ impl Ledger {
                 _ => "voided",
             };
             // Captured: what was kept; voided: what was given back.
+            if settled.is_none() && job.kind == SettleKind::Capture && job.amount > 0 {
+                crate::metrics::LEDGER_ERRORS
+                    .with_label_values(&["late_capture"])
+                    .inc();
+                log::error!(
+                    "capture of {} credits for hold {} found it no longer open (expired): not charged",
+                    job.amount,
+                    job.hold_id
+                );
+            }
             if let Some((kept, amount)) = settled {
                 let moved = match job.kind {
                     SettleKind::Capture => kept,
@@ -289,7 +311,27 @@ impl Ledger {
         true
     }
 
-    /// Voids holds older than the TTL; runs on every instance.
+    /// Renews this instance's in-flight holds every third of the TTL, so that a
+    /// running request's hold never expires however long it runs.
+    pub async fn run_renewer(self: Arc<Self>, ttl: Duration) {
+        let every = (ttl / 3).max(Duration::from_millis(500));
+        loop {
+            tokio::time::sleep(every).await;
+            let (holds, users): (Vec<Uuid>, Vec<i64>) =
+                self.live.lock().iter().map(|(h, u)| (*h, *u)).unzip();
+            if holds.is_empty() {
+                continue;
+            }
+            if let Err(e) = sql::renew(&self.db, &users, &holds).await {
+                crate::metrics::LEDGER_ERRORS
+                    .with_label_values(&["renew"])
+                    .inc();
+                log::warn!("renewing {} in-flight holds failed: {e}", holds.len());
+            }
+        }
+    }
+
+    /// Voids holds not renewed within the TTL; runs on every instance.
     pub async fn run_sweeper(self: Arc<Self>, ttl: Duration, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
