@@ -240,17 +240,9 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                 .await
                 .map_err(|e| e.to_string())?;
             if let Some(n) = credits.filter(|n| *n != 0) {
-                store::ledger::adjust(
-                    &db,
-                    u.id,
-                    n,
-                    if n > 0 { "grant" } else { "adjust" },
-                    "initial credits",
-                    None,
-                    None,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                crate::ledger::change_balance(&db, u.id, n, "initial credits", None, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             println!("created user {} (id {}, role {})", u.username, u.id, u.role);
             if generated {
@@ -263,7 +255,7 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                 .await
                 .map_err(|e| e.to_string())?
             {
-                let (avail, held) = store::ledger::balance(&db, u.id)
+                let (avail, held) = crate::ledger::balance(&db, u.id)
                     .await
                     .map_err(|e| e.to_string())?
                     .unwrap_or((0, 0));
@@ -287,12 +279,10 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                 },
         } => {
             let id = user_id(username).await?;
-            let kind = if amount > 0 { "grant" } else { "adjust" };
-            match store::ledger::adjust(
+            match crate::ledger::change_balance(
                 &db,
                 id,
                 amount,
-                kind,
                 &reason,
                 idempotency_key.as_deref(),
                 None,
@@ -300,10 +290,10 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
             .await
             .map_err(|e| e.to_string())?
             {
-                store::ledger::Adjusted::Applied { available } => {
+                crate::ledger::Adjusted::Applied { available } => {
                     println!("credits now {available}")
                 }
-                store::ledger::Adjusted::Replayed { available } => {
+                crate::ledger::Adjusted::Replayed { available } => {
                     println!("already applied; credits {available}")
                 }
             }
@@ -352,7 +342,7 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                         .and_then(|v| v.parse().ok())
                         .unwrap_or(900.0)
                 });
-            let problems = store::ledger::verify(&db, ttl)
+            let problems = crate::ledger::verify(&db, std::time::Duration::from_secs_f64(ttl))
                 .await
                 .map_err(|e| e.to_string())?;
             if problems.is_empty() {

@@ -1,6 +1,7 @@
 //! `flowise-proxy`: an edge proxy in front of Flowise adding per-user login,
 //! chatflow grants, prepaid credits and metrics. See README.md.
 
+mod access;
 mod access_log;
 mod api;
 mod app;
@@ -13,6 +14,7 @@ mod ledger;
 mod listen_socket;
 mod metrics;
 mod proxy;
+mod route;
 mod server;
 mod sessions;
 mod store;

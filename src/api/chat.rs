@@ -3,16 +3,15 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{flowise_call, page, parse_body, ApiResult, Reply};
+use super::{flowise_call, page, parse_body, ApiResult, Call, Reply};
 use crate::app::App;
 use crate::auth::Identity;
 use crate::errors::ApiError;
 use crate::ledger::Price;
-use crate::proxy::Ctx;
 use crate::store;
 
-fn identity(ctx: &Ctx) -> Result<&Identity, ApiError> {
-    ctx.identity.as_ref().ok_or_else(ApiError::unauthorized)
+fn identity(call: &Call) -> Result<&Identity, ApiError> {
+    call.identity.as_ref().ok_or_else(ApiError::unauthorized)
 }
 
 #[derive(Deserialize)]
@@ -21,13 +20,13 @@ struct Login {
     password: String,
 }
 
-pub async fn authenticate(app: &App, ctx: &Ctx) -> ApiResult {
-    let body: Login = parse_body(ctx)?;
+pub async fn authenticate(app: &App, call: &Call) -> ApiResult {
+    let body: Login = parse_body(call)?;
     if body.username.is_empty() || body.username.len() > 64 || body.password.len() > 1024 {
         // Same answer as any other failure.
         return Err(ApiError::invalid_credentials());
     }
-    let ip = ctx.client_ip.clone().unwrap_or_default();
+    let ip = call.client_ip.clone().unwrap_or_default();
     let (pair, user) = app
         .auth
         .login(&app.db, &body.username, &body.password, &ip)
@@ -46,8 +45,8 @@ struct RefreshBody {
     refresh_token: String,
 }
 
-pub async fn refresh(app: &App, ctx: &Ctx) -> ApiResult {
-    let body: RefreshBody = parse_body(ctx)?;
+pub async fn refresh(app: &App, call: &Call) -> ApiResult {
+    let body: RefreshBody = parse_body(call)?;
     let (pair, user_id, role) = app.auth.refresh(&app.db, &body.refresh_token).await?;
     Ok(Reply::ok(json!({
         "access_token": pair.access_token,
@@ -65,10 +64,10 @@ struct RevokeBody {
     all: bool,
 }
 
-pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
-    let body: RevokeBody = if ctx.body.is_some() {
-        parse_body(ctx)?
+pub async fn revoke(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let body: RevokeBody = if call.body.is_some() {
+        parse_body(call)?
     } else {
         RevokeBody {
             refresh_token: None,
@@ -81,29 +80,28 @@ pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
     Ok(Reply::ok(json!({"revoked": true})))
 }
 
-pub async fn credits(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
-    let (available, held) = store::ledger::balance(&app.db, who.user_id)
+pub async fn credits(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let (available, held) = crate::ledger::balance(&app.db, who.user_id)
         .await?
         .unwrap_or((0, 0));
     Ok(Reply::ok(json!({"credits": available, "held": held})))
 }
 
-pub async fn sessions(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
-    let (limit, offset) = page(ctx.query.as_deref());
+pub async fn sessions(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let (limit, offset) = page(call.query.as_deref());
     let rows = store::sessions::list(&app.db, who.user_id, limit, offset).await?;
     Ok(Reply::ok(Value::Array(rows)))
 }
 
 /// The caller's session `id`: its chatflow and the Flowise path of its
 /// messages. 404 when it is unknown or someone else's.
-async fn owned_session_messages(
+pub async fn owned_session_messages(
     app: &App,
-    ctx: &Ctx,
+    who: &Identity,
     id: &str,
 ) -> Result<(String, String), ApiError> {
-    let who = identity(ctx)?;
     let chatflow = app
         .sessions
         .owned(&app.db, id, who.user_id)
@@ -111,7 +109,7 @@ async fn owned_session_messages(
         .ok_or_else(ApiError::not_found)?;
     let path = format!(
         "/api/v1/chatmessage/{chatflow}?chatId={}",
-        crate::proxy::route_urlencode(id)
+        crate::route::urlencode(id)
     );
     Ok((chatflow, path))
 }
@@ -159,18 +157,10 @@ pub fn history(id: &str, chatflow: &str, flowise_rows: Value) -> Value {
     json!({"session_id": id, "chatflow_id": chatflow, "messages": messages})
 }
 
-/// `GET /chat/sessions/{id}/history` is answered by Flowise through the proxy
-/// loop: this decides the Flowise path (404 when the session is not the caller's).
-pub async fn history_path(app: &App, ctx: &mut Ctx, id: &str) -> Result<String, ApiError> {
-    let (chatflow, path) = owned_session_messages(app, ctx, id).await?;
-    ctx.chatflow_id = Some(chatflow);
-    Ok(path)
-}
-
-pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let who = identity(ctx)?;
-    let (_, path) = owned_session_messages(app, ctx, id).await?;
-    let (status, _) = flowise_call(app, ctx, "DELETE", &path).await?;
+pub async fn session_delete(app: &App, call: &Call, id: &str) -> ApiResult {
+    let who = identity(call)?;
+    let (_, path) = owned_session_messages(app, who, id).await?;
+    let (status, _) = flowise_call(app, call, "DELETE", &path).await?;
     if !(200..300).contains(&status) && status != 404 {
         return Err(ApiError::upstream_error());
     }
@@ -189,8 +179,8 @@ fn chatflow_json(app: &App, c: &store::catalog::ChatflowRow) -> Value {
     })
 }
 
-pub fn chatflows(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
+pub fn chatflows(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
     let snap = app.auth.snapshot.get();
     let mut list: Vec<&store::catalog::ChatflowRow> = snap
         .chatflows

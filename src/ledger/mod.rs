@@ -106,6 +106,36 @@ pub fn settlement(price: &Price, outcome: &UpstreamOutcome) -> Option<i64> {
     Some(price.charge(&outcome.seen))
 }
 
+pub use crate::store::ledger::Adjusted;
+
+/// A credit change by an admin or the CLI: a top-up (`grant`, amount > 0) or a
+/// correction (`adjust`, amount < 0), idempotent by key; never below zero.
+pub async fn change_balance(
+    db: &Db,
+    user_id: i64,
+    amount: i64,
+    reason: &str,
+    idempotency_key: Option<&str>,
+    actor_id: Option<i64>,
+) -> Result<Adjusted, StoreError> {
+    if amount == 0 {
+        return Err(StoreError::Conflict("amount must not be zero".into()));
+    }
+    let kind = if amount > 0 { "grant" } else { "adjust" };
+    sql::adjust(db, user_id, amount, kind, reason, idempotency_key, actor_id).await
+}
+
+/// `(available, held)` of one user; `None` for an unknown user.
+pub async fn balance(db: &Db, user_id: i64) -> Result<Option<(i64, i64)>, StoreError> {
+    sql::balance(db, user_id).await
+}
+
+/// The books check behind `flowise-proxy ledger verify`: every balance equals
+/// the sum of its ledger rows, and no open hold outlived its lifetime.
+pub async fn verify(db: &Db, hold_ttl: Duration) -> Result<Vec<String>, StoreError> {
+    sql::verify(db, hold_ttl.as_secs_f64()).await
+}
+
 /// A placed hold, carried in the request context until settlement.
 #[derive(Debug, Clone)]
 pub struct Hold {

@@ -20,9 +20,9 @@ use serde_json::Value;
 
 use super::ctx::Ctx;
 use super::respond;
-use super::route::Route;
 use crate::app::App;
 use crate::errors::ApiError;
+use crate::route::Route;
 use crate::upstream::sse::{ErrorRedactor, Observation, StreamObserver};
 
 /// Largest answer collected to be rewritten or observed whole.

@@ -6,9 +6,9 @@ use bytes::Bytes;
 
 use super::answer::Answer;
 use super::body::RequestBody;
-use super::route::Route;
 use crate::auth::Identity;
 use crate::ledger::{Hold, UpstreamOutcome};
+use crate::route::Route;
 
 pub struct Ctx {
     pub request_id: String,

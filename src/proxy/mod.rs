@@ -28,10 +28,10 @@
 mod answer;
 mod body;
 pub mod ctx;
+mod flowise_route;
 mod pipeline;
 mod predict;
 pub mod respond;
-pub mod route;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -163,18 +163,4 @@ impl ProxyHttp for FlowiseProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         pipeline::finish(&self.app, session, e, ctx).await;
     }
-}
-
-/// Percent-encodes a query value.
-pub fn route_urlencode(s: &str) -> String {
-    pipeline::urlencode(s)
-}
-
-/// The grant check, for handlers outside the pipeline.
-pub fn pipeline_check_chatflow(
-    app: &App,
-    ctx: &Ctx,
-    chatflow_id: &str,
-) -> std::result::Result<(), crate::errors::ApiError> {
-    pipeline::check_chatflow_access(app, ctx, chatflow_id)
 }

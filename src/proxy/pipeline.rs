@@ -8,12 +8,12 @@ use pingora_proxy::Session;
 
 use super::body::{BodyFlow, RequestBody, Seen};
 use super::ctx::Ctx;
-use super::route::{Access, Route, Serve};
+use super::flowise_route::{self, FlowiseCall};
 use super::{predict, respond};
 use crate::api;
-use crate::api::drop_in::FlowiseCall;
 use crate::app::App;
 use crate::errors::ApiError;
+use crate::route::{Access, Route, Serve};
 use crate::upstream::client::UpstreamFailure;
 use pingora_core::ErrorType;
 use pingora_http::RequestHeader;
@@ -110,7 +110,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
     check_declared_length(session, app.cfg.max_body_bytes)?;
 
     if let Some(cf) = ctx.route.chatflow().map(str::to_string) {
-        check_chatflow_access(app, ctx, &cf)?;
+        crate::access::check_chatflow(&app.auth.snapshot, ctx.identity.as_ref(), &cf)?;
         ctx.chatflow_id = Some(cf);
     }
 
@@ -119,7 +119,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
             if has_body(session) {
                 ctx.body = Some(read_body(session, app.cfg.max_body_bytes).await?);
             }
-            let reply = api::handle(app, ctx).await?;
+            let reply = api::handle(app, &call_of(ctx)).await?;
             respond::json(session, app, ctx, reply.status, reply.body, &reply.headers)
                 .await
                 .map_err(|_| ApiError::internal())?;
@@ -133,7 +133,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
             predict::admit_drop_in(app, session, ctx).await?;
             Ok(Next::Proxy)
         }
-        Serve::Flowise => match api::drop_in::decide(app, ctx).await? {
+        Serve::Flowise => match flowise_route::decide(app, ctx).await? {
             FlowiseCall::Forward(path) => {
                 ctx.upstream_path = path;
                 Ok(Next::Proxy)
@@ -148,22 +148,16 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
     }
 }
 
-/// Grant check from the snapshot: unknown chatflow 404, not granted 403.
-pub fn check_chatflow_access(app: &App, ctx: &Ctx, chatflow_id: &str) -> Result<(), ApiError> {
-    let Some(who) = &ctx.identity else {
-        return Ok(()); // open routes (chatflows-streaming) carry no grant
-    };
-    if who.is_admin() {
-        return Ok(());
+/// The typed request a handler in `api/` sees.
+pub fn call_of(ctx: &Ctx) -> api::Call {
+    api::Call {
+        route: ctx.route.clone(),
+        identity: ctx.identity.clone(),
+        query: ctx.query.clone(),
+        body: ctx.body.clone(),
+        client_ip: ctx.client_ip.clone(),
+        request_id: ctx.request_id.clone(),
     }
-    let snap = app.auth.snapshot.get();
-    if snap.chatflow(chatflow_id).is_none() {
-        return Err(ApiError::not_found());
-    }
-    if !snap.is_granted(who.user_id, chatflow_id) {
-        return Err(ApiError::forbidden());
-    }
-    Ok(())
 }
 
 fn has_body(session: &Session) -> bool {
@@ -312,10 +306,6 @@ fn upstream_failed(e: &Error, ctx: &mut Ctx) -> ApiError {
     }
     ctx.upstream_failure = Some(f.label());
     f.api_error()
-}
-
-pub fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// `logging`: settle the hold, bind a new conversation, record metrics and

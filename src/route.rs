@@ -1,5 +1,6 @@
 //! The route table: every (method, path) the proxy knows, in one place, with who
-//! may call it and how it is served.
+//! may call it and how it is served. Both the proxy (`proxy/`) and the
+//! handlers (`api/`) read it; it depends on neither.
 
 /// How a route is served, decided in `request_filter`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +369,11 @@ impl Route {
         "/admin/...",
         "/api/v1/... (Flowise drop-in)",
     ];
+}
+
+/// Percent-encodes a query value.
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[cfg(test)]
