@@ -376,26 +376,37 @@ async fn open_idle(w: &World, n: usize) -> Vec<TcpStream> {
     all
 }
 
-/// Raises this test process's descriptor limit: it holds thousands of
-/// connections.
-fn raise_own_fd_limit() {
+/// Raises this test process's descriptor limit to the hard limit (it holds
+/// thousands of connections); returns the soft limit now in force.
+#[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux only
+fn raise_own_fd_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit read or write one rlimit struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            }
         }
     }
+    lim.rlim_cur as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_returns_after_many_idle_connections_close() {
-    const CONNECTIONS: usize = 3000;
-    raise_own_fd_limit();
+    // The report's figure. About 5 s here (debug build, loopback).
+    const CONNECTIONS: usize = 5000;
+    let fd_limit = raise_own_fd_limit();
+    assert!(
+        fd_limit >= CONNECTIONS as u64 + 1024,
+        "this test needs an open-file limit of at least {} (ulimit -Hn), not {fd_limit}",
+        CONNECTIONS + 1024
+    );
     let w = World::start().await;
     let pid = w.proxy.pid();
     // Warm up (lazy statics, runtime threads, pools); the baseline is the
@@ -412,8 +423,10 @@ async fn memory_returns_after_many_idle_connections_close() {
     );
     drop(held);
 
-    // Back near the baseline: within a quarter of what the connections took.
-    let tolerance = growth / 4;
+    // Back near the baseline: within a tenth of what the connections took
+    // (measured: 38 MB baseline, 255 MB with 5,000 connections, 27 MB after;
+    // without the trim it stayed at the peak).
+    let tolerance = growth / 10;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut now = rss_kib(pid);
     while now > baseline + tolerance && Instant::now() < deadline {
