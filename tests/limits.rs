@@ -183,16 +183,22 @@ async fn a_head_trickling_in_is_cut_at_the_header_deadline() {
 async fn a_body_trickling_in_is_cut_but_a_slow_answer_is_not() {
     let w = World::start_with(|o| o.env("REQUEST_BODY_TIMEOUT_MS", "2000")).await;
 
-    // A body sent in time, answered slowly (a stream longer than the body
-    // deadline), then a second request on the same connection: the body
-    // deadline ends with the body.
+    // A body sent in time (chunked, in two chunks), answered slowly: a
+    // stream lasting longer than the body deadline. The deadline ends with
+    // the body, so the stream is not cut.
     let (_, token) = w.user_with("slowanswer", 10, FLOW).await;
     w.flowise.set_token_delay(Duration::from_millis(400));
+    let body = json!({"question": "one two three four five six seven", "streaming": true})
+        .to_string()
+        .into_bytes();
+    let (first, second) = body.split_at(10);
+    let chunks = vec![Ok::<_, std::io::Error>(first.to_vec()), Ok(second.to_vec())];
     let started = Instant::now();
     let r = support::proxy::streaming_client()
         .post(w.url(&format!("/api/v1/prediction/{FLOW}")))
         .bearer_auth(&token)
-        .json(&json!({"question": "one two three four five six seven", "streaming": true}))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
         .send()
         .await
         .expect("send");
@@ -228,6 +234,7 @@ async fn a_body_trickling_in_is_cut_but_a_slow_answer_is_not() {
         elapsed >= Duration::from_millis(1800),
         "cut after {elapsed:?}, before the deadline"
     );
+    eprintln!("slow body answered: {:?}", String::from_utf8_lossy(&answer));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
