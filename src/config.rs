@@ -446,6 +446,44 @@ fn parse_flowise_url(raw: &str) -> Result<FlowiseUrl, String> {
 mod tests {
     use super::*;
 
+    fn yaml_source(text: &str) -> Source {
+        match serde_yaml::from_str::<serde_yaml::Value>(text) {
+            Ok(serde_yaml::Value::Mapping(yaml)) => Source { yaml },
+            _ => panic!("test YAML must be a mapping"),
+        }
+    }
+
+    #[test]
+    fn client_limits_have_defaults_and_are_checked() {
+        let mut errs = Vec::new();
+        let limits = client_limits(&yaml_source("{}"), &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            limits,
+            ClientLimits {
+                keepalive_timeout: Duration::from_secs(60),
+                header_timeout: Duration::from_millis(10_000),
+                body_timeout: Duration::from_millis(60_000),
+                max_header_bytes: 65_536,
+                max_connections: 10_000,
+            }
+        );
+        let limits = client_limits(
+            &yaml_source("keepalive_timeout_seconds: 5\nmax_header_bytes: 8192"),
+            &mut errs,
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(limits.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_header_bytes, 8192);
+        client_limits(
+            &yaml_source(
+                "request_body_timeout_ms: 0\nmax_header_bytes: 2000000\nmax_connections: 0",
+            ),
+            &mut errs,
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
     #[test]
     fn flowise_urls_parse() {
         let u = parse_flowise_url("http://localhost:3000").expect("valid");
