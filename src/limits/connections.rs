@@ -8,7 +8,7 @@
 //! first. HTTP/2 is not offered on this listener (no TLS, no h2c), so that
 //! loop's HTTP/2 branch has no counterpart.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -45,6 +45,10 @@ const HEADER_TOO_LARGE: Refusal = Refusal {
     retry_after: None,
 };
 
+/// Over-capacity connections being answered at once, at most.
+const MAX_REFUSING: usize = 64;
+static REFUSING: AtomicUsize = AtomicUsize::new(0);
+
 /// Pingora's HTTP application `A` behind the client limits.
 pub struct LimitedHttp<A> {
     inner: Arc<A>,
@@ -76,7 +80,12 @@ where
         let mut stream = Box::new(LimitedStream::new(stream));
         let Some(_slot) = Slot::take(self.limits.max_connections) else {
             REFUSED.with_label_values(&["max_connections"]).inc();
-            OVER_CAPACITY.send(&mut *stream).await;
+            // Answering holds the descriptor up to a second; past a few
+            // dozen answers under way, a flood is closed without one.
+            if REFUSING.fetch_add(1, Ordering::AcqRel) < MAX_REFUSING {
+                OVER_CAPACITY.send(&mut *stream).await;
+            }
+            REFUSING.fetch_sub(1, Ordering::AcqRel);
             return None;
         };
         self.serve(stream, accepted, shutdown).await;
@@ -182,4 +191,4 @@ impl Drop for Slot {
 }
 
 /// Client connections open now (those past the cap are never counted).
-pub static OPEN_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub static OPEN_COUNT: AtomicUsize = AtomicUsize::new(0);

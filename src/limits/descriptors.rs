@@ -7,7 +7,8 @@
 //! answers before descriptors run out.
 
 /// Descriptors kept for everything but client connections: listeners, the
-/// database pool, logs, health checks.
+/// database pool, logs, health checks, over-capacity connections being
+/// answered (at most 64).
 const RESERVED: u64 = 256;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit
