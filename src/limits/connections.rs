@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -46,7 +47,12 @@ const HEADER_TOO_LARGE: Refusal = Refusal {
 };
 
 /// Over-capacity connections being answered at once, at most.
-const MAX_REFUSING: usize = 64;
+const MAX_REFUSING: usize = 128;
+/// How long an over-capacity connection is read before and after its answer.
+const REFUSAL_SETTLE: Duration = Duration::from_millis(20);
+const REFUSAL_LINGER: Duration = Duration::from_millis(100);
+/// How long a refused request's remaining bytes are read after its answer.
+const ERROR_LINGER: Duration = Duration::from_secs(1);
 static REFUSING: AtomicUsize = AtomicUsize::new(0);
 
 /// Pingora's HTTP application `A` behind the client limits.
@@ -80,10 +86,14 @@ where
         let mut stream = Box::new(LimitedStream::new(stream));
         let Some(_slot) = Slot::take(self.limits.max_connections) else {
             REFUSED.with_label_values(&["max_connections"]).inc();
-            // Answering holds the descriptor up to a second; past a few
-            // dozen answers under way, a flood is closed without one.
+            // Answering holds the descriptor for a moment; past that many
+            // answers under way, a flood is closed without one.
             if REFUSING.fetch_add(1, Ordering::AcqRel) < MAX_REFUSING {
-                OVER_CAPACITY.send(&mut *stream).await;
+                // Its request is normally there already (TCP_DEFER_ACCEPT):
+                // read it, so that closing does not reset the connection.
+                OVER_CAPACITY
+                    .send(&mut *stream, REFUSAL_SETTLE, REFUSAL_LINGER)
+                    .await;
             }
             REFUSING.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -123,12 +133,16 @@ where
                 Head::Nothing => return,
                 Head::TimedOut => {
                     REFUSED.with_label_values(&["header_timeout"]).inc();
-                    HEADER_TIMEOUT.send(&mut *stream).await;
+                    HEADER_TIMEOUT
+                        .send(&mut *stream, Duration::ZERO, ERROR_LINGER)
+                        .await;
                     return;
                 }
                 Head::TooLarge => {
                     REFUSED.with_label_values(&["max_header_bytes"]).inc();
-                    HEADER_TOO_LARGE.send(&mut *stream).await;
+                    HEADER_TOO_LARGE
+                        .send(&mut *stream, Duration::ZERO, ERROR_LINGER)
+                        .await;
                     return;
                 }
             };

@@ -8,7 +8,7 @@
 
 /// Descriptors kept for everything but client connections: listeners, the
 /// database pool, logs, health checks, over-capacity connections being
-/// answered (at most 64).
+/// answered (at most 128).
 const RESERVED: u64 = 256;
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit

@@ -145,21 +145,23 @@ impl Refusal {
         out
     }
 
-    /// Writes the answer, ends the sending side, and reads what the client
-    /// still sends for a moment: closing with unread bytes makes the kernel
-    /// reset the connection, and the client may lose the answer.
-    pub async fn send<S>(&self, stream: &mut S)
+    /// Reads what the client has sent so far (waiting at most `settle`),
+    /// writes the answer, ends the sending side, and reads what the client
+    /// still sends for up to `linger`: closing with unread bytes makes the
+    /// kernel reset the connection, and the client may lose the answer.
+    pub async fn send<S>(&self, stream: &mut S, settle: Duration, linger: Duration)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let end = Instant::now() + Duration::from_secs(1);
-        let _ = timeout_at(end, async {
+        let mut sink = [0u8; 8192];
+        let _ = tokio::time::timeout(settle, stream.read(&mut sink)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
             stream.write_all(&self.bytes()).await?;
             stream.flush().await?;
             stream.shutdown().await
         })
         .await;
-        let mut sink = [0u8; 8192];
+        let end = Instant::now() + linger;
         let mut drained = 0usize;
         while drained < (1 << 20) {
             match timeout_at(end, stream.read(&mut sink)).await {
