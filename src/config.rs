@@ -40,6 +40,26 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight requests before Pingora's own exit.
     pub grace_period: Duration,
     pub login_attempts_per_minute: u32,
+    /// Client connection limits, enforced by `crate::limits`.
+    pub client_limits: ClientLimits,
+}
+
+/// What one client connection may hold on to (see `crate::limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// An idle keep-alive connection is closed after this long without a new request.
+    pub keepalive_timeout: Duration,
+    /// A request's whole header must arrive within this long (counted from
+    /// the connection's accept for its first request, from the first byte for
+    /// later ones).
+    pub header_timeout: Duration,
+    /// A request's whole body must arrive within this long after its header.
+    pub body_timeout: Duration,
+    /// Larger request headers (request line included) are refused with 431.
+    pub max_header_bytes: usize,
+    /// Client connections open at once; more are answered 503 and closed.
+    /// Lowered at start-up to what the descriptor limit allows.
+    pub max_connections: usize,
 }
 
 /// One Flowise server: where to connect and what to send as `Host`.
@@ -293,6 +313,7 @@ impl Config {
         let sweeper_interval = ms("SWEEPER_INTERVAL_MS", 10_000, errs);
         let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
         let login_attempts_per_minute = src.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10u32, errs);
+        let client_limits = client_limits(src, errs);
 
         if !errs.is_empty() {
             return None;
@@ -325,6 +346,7 @@ impl Config {
             sweeper_interval,
             grace_period,
             login_attempts_per_minute,
+            client_limits,
         })
     }
 
@@ -334,6 +356,34 @@ impl Config {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+}
+
+fn client_limits(src: &Source, errs: &mut Vec<String>) -> ClientLimits {
+    let keepalive_secs = src.parse("KEEPALIVE_TIMEOUT_SECONDS", 60u64, errs);
+    let header_ms = src.parse("REQUEST_HEADER_TIMEOUT_MS", 10_000u64, errs);
+    let body_ms = src.parse("REQUEST_BODY_TIMEOUT_MS", 60_000u64, errs);
+    if keepalive_secs == 0 || header_ms == 0 || body_ms == 0 {
+        errs.push(
+            "KEEPALIVE_TIMEOUT_SECONDS, REQUEST_HEADER_TIMEOUT_MS, REQUEST_BODY_TIMEOUT_MS: must be positive"
+                .into(),
+        );
+    }
+    let max_header_bytes = src.parse("MAX_HEADER_BYTES", 65_536usize, errs);
+    // Pingora's own ceiling is just under 1 MiB.
+    if !(1024..=1_048_575).contains(&max_header_bytes) {
+        errs.push("MAX_HEADER_BYTES: must be between 1024 and 1048575".into());
+    }
+    let max_connections = src.parse("MAX_CONNECTIONS", 10_000usize, errs);
+    if max_connections == 0 {
+        errs.push("MAX_CONNECTIONS: must be at least 1".into());
+    }
+    ClientLimits {
+        keepalive_timeout: Duration::from_secs(keepalive_secs),
+        header_timeout: Duration::from_millis(header_ms),
+        body_timeout: Duration::from_millis(body_ms),
+        max_header_bytes,
+        max_connections,
     }
 }
 
@@ -395,6 +445,44 @@ fn parse_flowise_url(raw: &str) -> Result<FlowiseUrl, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn yaml_source(text: &str) -> Source {
+        match serde_yaml::from_str::<serde_yaml::Value>(text) {
+            Ok(serde_yaml::Value::Mapping(yaml)) => Source { yaml },
+            _ => panic!("test YAML must be a mapping"),
+        }
+    }
+
+    #[test]
+    fn client_limits_have_defaults_and_are_checked() {
+        let mut errs = Vec::new();
+        let limits = client_limits(&yaml_source("{}"), &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            limits,
+            ClientLimits {
+                keepalive_timeout: Duration::from_secs(60),
+                header_timeout: Duration::from_millis(10_000),
+                body_timeout: Duration::from_millis(60_000),
+                max_header_bytes: 65_536,
+                max_connections: 10_000,
+            }
+        );
+        let limits = client_limits(
+            &yaml_source("keepalive_timeout_seconds: 5\nmax_header_bytes: 8192"),
+            &mut errs,
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(limits.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_header_bytes, 8192);
+        client_limits(
+            &yaml_source(
+                "request_body_timeout_ms: 0\nmax_header_bytes: 2000000\nmax_connections: 0",
+            ),
+            &mut errs,
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
 
     #[test]
     fn flowise_urls_parse() {

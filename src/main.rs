@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod errors;
 mod ledger;
+mod limits;
 mod listen_socket;
 mod metrics;
 mod proxy;
