@@ -80,13 +80,15 @@ async fn health(app: &App) -> ApiResult {
     crate::store::record_pool_metrics(&app.db);
     let upstreams = app.upstreams.health();
     let flowise = upstreams.iter().any(|h| *h);
+    let key_rejected = crate::catalog::key::state() == crate::catalog::key::KeyState::Rejected;
     let draining = app.is_draining();
-    let ready = database && flowise && !draining && app.auth.snapshot.is_loaded();
+    let ready = database && flowise && !key_rejected && !draining && app.auth.snapshot.is_loaded();
     let status = if ready { "healthy" } else { "unhealthy" };
     let body = json!({
         "status": status,
         "database": if database { "ok" } else { "unreachable" },
-        "flowise": { "healthy": upstreams.iter().filter(|h| **h).count(), "total": upstreams.len() },
+        "flowise": match (key_rejected, flowise) { (true, _) => "key_rejected", (_, true) => "ok", _ => "unreachable" },
+        "flowise_servers": { "healthy": upstreams.iter().filter(|h| **h).count(), "total": upstreams.len() },
         "draining": draining,
         "version": env!("CARGO_PKG_VERSION"),
     });

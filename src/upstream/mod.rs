@@ -100,8 +100,29 @@ impl Upstreams {
                 .map_err(|e| format!("health check request: {e}"))?;
             req.insert_header("Host", first.host_header())
                 .map_err(|e| format!("health check request: {e}"))?;
+            // With the key, a Flowise (or its gateway) that rejects it says so
+            // here too; Flowise's own ping needs none and ignores it.
+            if let Some(key) = &cfg.flowise_api_key {
+                req.insert_header("Authorization", format!("Bearer {key}"))
+                    .map_err(|e| format!("health check request: {e}"))?;
+            }
             req
         };
+        let key_set = cfg.flowise_api_key.is_some();
+        hc.validator = Some(Box::new(move |resp| {
+            let status = resp.status.as_u16();
+            if crate::catalog::key::is_rejection(status) {
+                crate::catalog::key::rejected("GET /api/v1/ping (health check)", status, key_set);
+            }
+            if status == 200 {
+                Ok(())
+            } else {
+                pingora_core::Error::e_explain(
+                    pingora_core::ErrorType::CustomCode("non 200 code", status),
+                    "health check",
+                )
+            }
+        }));
         hc.peer_template.options.connection_timeout = Some(Duration::from_millis(1000));
         hc.peer_template.options.read_timeout = Some(Duration::from_millis(2000));
         let mut lb = lb;

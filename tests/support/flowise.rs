@@ -230,6 +230,8 @@ struct Inner {
     messages: Vec<StoredMessage>,
     files: Vec<StoredFile>,
     last_ts: DateTime<Utc>,
+    /// Every key is refused (as with a key deleted in Flowise's UI).
+    reject_key: bool,
 }
 
 struct State {
@@ -251,7 +253,7 @@ impl State {
             return false;
         };
         let key = v.strip_prefix("Bearer ").unwrap_or(v);
-        !self.cfg.api_key.is_empty() && key == self.cfg.api_key
+        !self.cfg.api_key.is_empty() && key == self.cfg.api_key && !self.lock().reject_key
     }
 }
 
@@ -290,6 +292,7 @@ pub async fn start(cfg: FlowiseConfig) -> TestFlowise {
             messages: Vec::new(),
             files: Vec::new(),
             last_ts: Utc::now(),
+            reject_key: false,
         }),
     });
     let server = serve(listener, state.clone());
@@ -320,6 +323,12 @@ fn serve(listener: TcpListener, state: Arc<State>) -> Server {
 }
 
 impl TestFlowise {
+    /// While true, every API key is refused with Flowise's 401 (the key was
+    /// deleted in Flowise, or the proxy has the wrong one).
+    pub fn set_reject_key(&self, reject: bool) {
+        self.state.lock().reject_key = reject;
+    }
+
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.lock().requests.clone()
