@@ -530,3 +530,81 @@ async fn the_flowise_key_never_leaves_the_proxy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_before_flowise_answers_frees_its_hold() {
+    // Flowise never answers (as 3.1.2 does for an unknown chatflow with
+    // streaming on); only the client leaving can end the request early.
+    let w = World::start_with(|o| o.env("UPSTREAM_READ_TIMEOUT_MS", "300000")).await;
+    let (uid, token) = w.user_with("quitter", 5, FLOW).await;
+    w.flowise.set_fail(Fail::Hang);
+    let mut conn = connect(&w.proxy.base_url).await;
+    let body = json!({"question": "anyone there?", "streaming": true});
+    conn.get_mut()
+        .write_all(&post(&format!("/api/v1/prediction/{FLOW}"), &token, &body))
+        .await
+        .expect("write");
+    // The hold is placed and Flowise has the request...
+    let deadline = std::time::Instant::now() + WAIT;
+    while w.flowise.prediction_count() == 0 || w.balance(uid).await.1 == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never reached Flowise"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...then the client goes away.
+    drop(conn);
+    assert_eq!(
+        w.wait_settled(uid).await,
+        (5, 0),
+        "voided long before the 300 s read timeout"
+    );
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_file_reads_forward_only_the_checked_query() {
+    let w = World::start().await;
+    let (_, token) = w.user_with("reader", 5, FLOW).await;
+    let r = w
+        .post(
+            &format!("/api/v1/prediction/{FLOW}"),
+            &token,
+            &json!({"question": "hi", "chatId": "reader-chat-1"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = w
+        .get(
+            &format!(
+                "/api/v1/get-upload-file?chatflowId={FLOW}&chatId=reader-chat-1&fileName=..%2F..%2F..%2F..%2Fetc%2Fpasswd"
+            ),
+            &token,
+        )
+        .await;
+    assert_eq!(r.status(), 422, "a path in fileName is refused");
+    w.flowise.clear_requests();
+    let other = support::flowise::SECOND_CHATFLOW_ID;
+    let _ = w
+        .get(
+            &format!(
+                "/api/v1/get-upload-file?chatflowId={FLOW}&chatId=reader-chat-1&fileName=a.txt\
+                 &chatflowId={other}&chatId=someone-else&extra=1"
+            ),
+            &token,
+        )
+        .await;
+    let seen: Vec<_> = w
+        .flowise
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/get-upload-file"))
+        .collect();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].query.as_deref(),
+        Some(format!("chatflowId={FLOW}&chatId=reader-chat-1&fileName=a.txt").as_str()),
+        "Flowise sees the checked values only"
+    );
+}
