@@ -119,6 +119,11 @@ metric!(CATALOG_SYNCS: IntCounterVec = register_int_counter_vec!(
     &["outcome"]
 ));
 
+metric!(ACCESS_LOG_DROPPED: IntCounter = register_int_counter!(
+    "flowise_proxy_access_log_dropped_total",
+    "Access-log lines dropped because stdout's reader fell behind"
+));
+
 /// Status class label: "2xx", "4xx", ... ("none" when nothing was sent).
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -153,6 +158,7 @@ pub fn init() {
     Lazy::force(&DB_ERRORS);
     Lazy::force(&DB_POOL);
     Lazy::force(&CATALOG_SYNCS);
+    Lazy::force(&ACCESS_LOG_DROPPED);
     // Every documented series exists from start-up (at zero), so that rates,
     // alerts and dashboards have data before the first event.
     let labelled: [(&IntCounterVec, &[&str]); 7] = [

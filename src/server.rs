@@ -218,6 +218,7 @@ async fn wait_idle(app: &App, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     app.ledger.drain(Duration::from_secs(10)).await;
+    crate::access_log::flush(Duration::from_secs(2));
 }
 
 /// Ends the process once idle, instead of sleeping out Pingora's whole grace

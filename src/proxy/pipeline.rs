@@ -363,22 +363,20 @@ pub async fn finish(app: &App, session: &Session, e: Option<&Error>, ctx: &mut C
         crate::metrics::IN_FLIGHT.dec();
         ctx.counted = false;
     }
-    crate::access_log::write(
-        app.cfg.log_json,
-        &crate::access_log::Line {
-            request_id: &ctx.request_id,
-            method: &ctx.method,
-            route,
-            status,
-            user_id: ctx.user_id(),
-            chatflow_id: ctx.chatflow_id.as_deref(),
-            credits_charged: ctx.credits_charged,
-            upstream_status: ctx.upstream.status,
-            upstream_error: ctx.upstream_failure,
-            bytes_sent: session.body_bytes_sent(),
-            duration: elapsed,
-        },
-    );
+    crate::access_log::write(&crate::access_log::Line {
+        json: app.cfg.log_json,
+        request_id: &ctx.request_id,
+        method: &ctx.method,
+        route,
+        status,
+        user_id: ctx.user_id(),
+        chatflow_id: ctx.chatflow_id.as_deref(),
+        credits_charged: ctx.credits_charged,
+        upstream_status: ctx.upstream.status,
+        upstream_error: ctx.upstream_failure,
+        bytes_sent: session.body_bytes_sent(),
+        duration: elapsed,
+    });
 }
 
 fn method_label(m: &str) -> &'static str {
