@@ -190,23 +190,7 @@ fn check_declared_length(session: &Session, limit: usize) -> Result<(), ApiError
 /// Reads a whole request body that the proxy answers itself (or the seed
 /// prediction's), refusing more than `limit` bytes, declared or sent.
 pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = session
-        .req_header()
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().parse::<usize>());
-    match declared {
-        Some(Ok(n)) if n > limit => return Err(ApiError::body_too_large()),
-        Some(Err(_)) => {
-            return Err(ApiError::new(
-                400,
-                "invalid_request",
-                "Invalid Content-Length",
-            ))
-        }
-        _ => {}
-    }
+    check_declared_length(session, limit)?;
     let mut buf = BytesMut::new();
     loop {
         let chunk = tokio::time::timeout(Duration::from_secs(60), session.read_request_body())
@@ -214,8 +198,12 @@ pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, Api
             .map_err(|_| {
                 ApiError::new(408, "request_timeout", "Request body not received in time")
             })?
-            .map_err(|_| {
-                ApiError::new(400, "invalid_request", "Could not read the request body")
+            .map_err(|e| match e.etype() {
+                // REQUEST_BODY_TIMEOUT_MS passed (see `limits`).
+                ErrorType::ReadTimedout => {
+                    ApiError::new(408, "request_timeout", "Request body not received in time")
+                }
+                _ => ApiError::new(400, "invalid_request", "Could not read the request body"),
             })?;
         match chunk {
             Some(c) => {
