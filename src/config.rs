@@ -40,6 +40,61 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight requests before Pingora's own exit.
     pub grace_period: Duration,
     pub login_attempts_per_minute: u32,
+    /// Bearer tokens issued elsewhere (the old login service, an OIDC provider).
+    pub external: ExternalAuthConfig,
+}
+
+/// Tokens from other issuers, verified locally (see `src/auth/external.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct ExternalAuthConfig {
+    /// The old Python service's login service: HS256 tokens with a shared secret.
+    pub login_service: Option<LoginServiceConfig>,
+    /// One OpenID Connect provider: RS256/ES256 tokens checked against its JWKS.
+    pub oidc: Option<OidcConfig>,
+}
+
+impl ExternalAuthConfig {
+    pub fn any(&self) -> bool {
+        self.login_service.is_some() || self.oidc.is_some()
+    }
+}
+
+/// Which claims name the user, and which role values make an admin.
+#[derive(Debug, Clone)]
+pub struct ClaimNames {
+    pub subject: String,
+    pub username: String,
+    /// A claim name, or a dotted path into nested objects (`realm_access.roles`);
+    /// its value is a string or an array of strings.
+    pub role: String,
+    pub admin_roles: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginServiceConfig {
+    pub secret: Vec<u8>,
+    pub algorithm: Algorithm,
+    /// Required `iss` value, if the service sets one.
+    pub issuer: Option<String>,
+    /// Required `aud` value, if the service sets one.
+    pub audience: Option<String>,
+    pub claims: ClaimNames,
+}
+
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// None: found through `{issuer}/.well-known/openid-configuration`.
+    pub jwks_url: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub claims: ClaimNames,
+    /// Periodic key-set refresh.
+    pub jwks_refresh: Duration,
+    /// At most one refresh per this interval for tokens with an unknown `kid`.
+    pub jwks_min_refresh: Duration,
+    /// How long a request with an unknown `kid` waits for that one refresh.
+    pub jwks_wait: Duration,
 }
 
 /// One Flowise server: where to connect and what to send as `Host`.
@@ -293,6 +348,7 @@ impl Config {
         let sweeper_interval = ms("SWEEPER_INTERVAL_MS", 10_000, errs);
         let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
         let login_attempts_per_minute = src.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10u32, errs);
+        let external = external_auth(src, &jwt_secret, errs);
 
         if !errs.is_empty() {
             return None;
@@ -325,6 +381,7 @@ impl Config {
             sweeper_interval,
             grace_period,
             login_attempts_per_minute,
+            external,
         })
     }
 
@@ -334,6 +391,128 @@ impl Config {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+}
+
+/// The optional settings for tokens issued elsewhere.
+fn external_auth(src: &Source, own_secret: &str, errs: &mut Vec<String>) -> ExternalAuthConfig {
+    let non_empty = |name: &str| {
+        src.get(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let list = |name: &str, default: &str| -> Vec<String> {
+        non_empty(name)
+            .unwrap_or_else(|| default.to_string())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let claims = |prefix: &str, username_default: &str| ClaimNames {
+        subject: non_empty(&format!("{prefix}_SUBJECT_CLAIM")).unwrap_or_else(|| "sub".into()),
+        username: non_empty(&format!("{prefix}_USERNAME_CLAIM"))
+            .unwrap_or_else(|| username_default.into()),
+        role: non_empty(&format!("{prefix}_ROLE_CLAIM")).unwrap_or_else(|| "role".into()),
+        admin_roles: list(&format!("{prefix}_ADMIN_ROLES"), "admin"),
+    };
+
+    let login_service = non_empty("EXTERNAL_JWT_SECRET").map(|secret| {
+        if KNOWN_SAMPLE_SECRETS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(&secret))
+        {
+            errs.push(
+                "EXTERNAL_JWT_SECRET: is a published sample value; use the login service's real secret"
+                    .into(),
+            );
+        } else if secret.len() < 16 {
+            errs.push(format!(
+                "EXTERNAL_JWT_SECRET: too short ({} bytes, need at least 16)",
+                secret.len()
+            ));
+        } else if secret == own_secret {
+            errs.push(
+                "EXTERNAL_JWT_SECRET: must differ from JWT_SECRET_KEY (the login service must not be able to mint this proxy's tokens)"
+                    .into(),
+            );
+        }
+        let algorithm = match non_empty("EXTERNAL_JWT_ALGORITHM")
+            .unwrap_or_else(|| "HS256".into())
+            .to_ascii_uppercase()
+            .as_str()
+        {
+            "HS256" => Algorithm::HS256,
+            "HS384" => Algorithm::HS384,
+            "HS512" => Algorithm::HS512,
+            other => {
+                errs.push(format!(
+                    "EXTERNAL_JWT_ALGORITHM: {other:?} is not one of HS256, HS384, HS512"
+                ));
+                Algorithm::HS256
+            }
+        };
+        LoginServiceConfig {
+            secret: secret.into_bytes(),
+            algorithm,
+            issuer: non_empty("EXTERNAL_JWT_ISSUER"),
+            audience: non_empty("EXTERNAL_JWT_AUDIENCE"),
+            claims: claims("EXTERNAL", "username"),
+        }
+    });
+
+    let oidc = non_empty("OIDC_ISSUER").map(|issuer| {
+        if url::Url::parse(&issuer).is_err() {
+            errs.push(format!("OIDC_ISSUER: {issuer:?} is not a URL"));
+        }
+        let audiences = list("OIDC_AUDIENCE", "");
+        if audiences.is_empty() {
+            errs.push(
+                "OIDC_AUDIENCE: required with OIDC_ISSUER (the client id or API identifier tokens are issued for)"
+                    .into(),
+            );
+        }
+        let jwks_url = non_empty("OIDC_JWKS_URL");
+        if let Some(u) = &jwks_url {
+            match url::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "http" | "https") => {}
+                _ => errs.push(format!("OIDC_JWKS_URL: {u:?} is not an http(s) URL")),
+            }
+        }
+        let mut algorithms = Vec::new();
+        for a in list("OIDC_ALGORITHMS", "RS256,ES256") {
+            match a.to_ascii_uppercase().as_str() {
+                "RS256" => algorithms.push(Algorithm::RS256),
+                "RS384" => algorithms.push(Algorithm::RS384),
+                "RS512" => algorithms.push(Algorithm::RS512),
+                "PS256" => algorithms.push(Algorithm::PS256),
+                "PS384" => algorithms.push(Algorithm::PS384),
+                "PS512" => algorithms.push(Algorithm::PS512),
+                "ES256" => algorithms.push(Algorithm::ES256),
+                "ES384" => algorithms.push(Algorithm::ES384),
+                other => errs.push(format!(
+                    "OIDC_ALGORITHMS: {other:?} is not an asymmetric algorithm (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384)"
+                )),
+            }
+        }
+        let secs = |name: &str, default: u64, errs: &mut Vec<String>| {
+            Duration::from_secs(src.parse(name, default, errs).max(1))
+        };
+        OidcConfig {
+            issuer,
+            audiences,
+            jwks_url,
+            algorithms,
+            claims: claims("OIDC", "preferred_username"),
+            jwks_refresh: secs("OIDC_JWKS_REFRESH_SECONDS", 300, errs),
+            jwks_min_refresh: secs("OIDC_JWKS_MIN_REFRESH_SECONDS", 10, errs),
+            jwks_wait: Duration::from_millis(src.parse("OIDC_JWKS_WAIT_MS", 2000u64, errs)),
+        }
+    });
+
+    ExternalAuthConfig {
+        login_service,
+        oidc,
     }
 }
 

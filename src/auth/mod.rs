@@ -2,6 +2,8 @@
 //! tokens with rotation, login with throttling. Checking a token reads only the
 //! in-memory snapshot.
 
+pub mod external;
+mod jwks;
 pub mod password;
 pub mod snapshot;
 pub mod throttle;
@@ -72,6 +74,8 @@ pub enum AuthFailure {
     UnknownUser,
     Inactive,
     BadApiKey,
+    /// A first-seen external user could not be provisioned (database down).
+    Unavailable,
 }
 
 impl AuthFailure {
@@ -85,6 +89,7 @@ impl AuthFailure {
             AuthFailure::UnknownUser => "unknown_user",
             AuthFailure::Inactive => "inactive",
             AuthFailure::BadApiKey => "bad_api_key",
+            AuthFailure::Unavailable => "unavailable",
         }
     }
 
@@ -92,6 +97,7 @@ impl AuthFailure {
         match self {
             AuthFailure::Missing => ApiError::unauthorized(),
             AuthFailure::Expired => ApiError::token_expired(),
+            AuthFailure::Unavailable => ApiError::busy(),
             _ => ApiError::invalid_token(),
         }
     }
@@ -112,10 +118,12 @@ pub struct Auth {
     access_lifetime: ChronoDuration,
     refresh_lifetime: ChronoDuration,
     pub throttle: throttle::LoginThrottle,
+    /// Tokens of other issuers (login service, OIDC), when configured.
+    external: Option<external::External>,
 }
 
 impl Auth {
-    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>) -> Auth {
+    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>, db: Db) -> Auth {
         let mut validation = Validation::new(cfg.jwt_algorithm);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
@@ -131,11 +139,20 @@ impl Auth {
                 cfg.refresh_token_lifetime.as_millis() as i64
             ),
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
+            external: external::External::new(&cfg.external, db),
         }
     }
 
-    /// Authenticates an `Authorization` header value against the snapshot.
-    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
+    /// Starts background work (fetching OIDC keys); needs a running runtime.
+    pub fn start_background(&self) {
+        if let Some(ext) = &self.external {
+            ext.start();
+        }
+    }
+
+    /// Authenticates an `Authorization` header value against the snapshot
+    /// (a first-seen external identity is provisioned in the database).
+    pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
         let header = header.ok_or(AuthFailure::Missing)?;
         let header = std::str::from_utf8(header).map_err(|_| AuthFailure::Malformed)?;
         let (scheme, token) = header
@@ -150,10 +167,14 @@ impl Auth {
             return Err(AuthFailure::Malformed);
         }
         if token.starts_with("fpk_") {
-            self.authenticate_api_key(token)
-        } else {
-            self.authenticate_jwt(token)
+            return self.authenticate_api_key(token);
         }
+        if let Some(ext) = &self.external {
+            if let Some(outcome) = ext.authenticate(token, &self.snapshot).await {
+                return outcome;
+            }
+        }
+        self.authenticate_jwt(token)
     }
 
     fn authenticate_api_key(&self, token: &str) -> Result<Identity, AuthFailure> {

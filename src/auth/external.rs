@@ -1,0 +1,483 @@
+//! Bearer tokens issued elsewhere, verified locally: the old Python service's
+//! login service (HS256 with a shared secret, `EXTERNAL_JWT_*`) and one OpenID
+//! Connect provider (RS256/ES256 against its JWKS, `OIDC_*`).
+//!
+//! A token is routed by its (not yet trusted) `iss` claim: this proxy's own
+//! issuer goes to the local check, the provider's issuer to the JWKS check (which
+//! accepts only the provider's asymmetric algorithms, so a token "signed" with
+//! HS256 over the provider's public key is refused), anything else to the login
+//! service when one is configured. The routing only picks which check runs; the
+//! check then pins issuer, audience and algorithm itself.
+//!
+//! An identity (issuer, subject) maps to one local user, created the first time
+//! it is seen (role from the configured claim, no credits, no grants). After
+//! that it is a user like any other: grants, credits, deactivation and
+//! "revoke all" (`tokens_valid_after` against the token's `iat`) apply, and a
+//! single token can be revoked (its id is derived from a hash of the token).
+//! Known identities are resolved from memory; only the first request of an
+//! identity on an instance reads (or writes) the database.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use parking_lot::RwLock;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::jwks::Jwks;
+use super::{AuthFailure, Credential, Identity, Role, SnapshotStore};
+use crate::config::{ClaimNames, ExternalAuthConfig};
+use crate::store::{self, Db};
+
+/// The issuer recorded for login-service identities when the service sets no `iss`.
+const LOGIN_SERVICE_ISSUER: &str = "external-login-service";
+/// Clock skew tolerated on `exp` and `nbf`.
+const LEEWAY_SECONDS: u64 = 30;
+/// An `iat` further in the future than this is refused: such a token would
+/// outlive every "revoke all".
+const MAX_FUTURE_IAT_SECONDS: i64 = 60;
+const MAX_SUBJECT_CHARS: usize = 255;
+const MAX_USERNAME_CHARS: usize = 64;
+
+type Claims = Map<String, Value>;
+
+struct LoginService {
+    key: DecodingKey,
+    validation: Validation,
+    issuer_key: String,
+    claims: ClaimNames,
+}
+
+struct Oidc {
+    issuer: String,
+    audiences: Vec<String>,
+    algorithms: Vec<Algorithm>,
+    jwks: std::sync::Arc<Jwks>,
+    claims: ClaimNames,
+}
+
+/// What a verified token says about its holder.
+struct Verified<'a> {
+    issuer_key: &'a str,
+    subject: String,
+    username: String,
+    admin: bool,
+    issued_ms: i64,
+    expires_at: DateTime<Utc>,
+    token_id: Uuid,
+}
+
+pub struct External {
+    login_service: Option<LoginService>,
+    oidc: Option<Oidc>,
+    /// (issuer, subject) → local user id, learnt from the database.
+    links: RwLock<HashMap<(String, String), i64>>,
+    db: Db,
+}
+
+impl External {
+    /// None when no external issuer is configured.
+    pub fn new(cfg: &ExternalAuthConfig, db: Db) -> Option<External> {
+        if !cfg.any() {
+            return None;
+        }
+        let login_service = cfg.login_service.as_ref().map(|c| {
+            let mut validation = Validation::new(c.algorithm);
+            validation.leeway = LEEWAY_SECONDS;
+            let mut required = vec!["exp"];
+            match &c.issuer {
+                Some(iss) => {
+                    validation.set_issuer(&[iss]);
+                    required.push("iss");
+                }
+                None => validation.iss = None,
+            }
+            match &c.audience {
+                Some(aud) => {
+                    validation.set_audience(&[aud]);
+                    required.push("aud");
+                }
+                None => validation.validate_aud = false,
+            }
+            validation.set_required_spec_claims(&required);
+            LoginService {
+                key: DecodingKey::from_secret(&c.secret),
+                validation,
+                issuer_key: c
+                    .issuer
+                    .clone()
+                    .unwrap_or_else(|| LOGIN_SERVICE_ISSUER.into()),
+                claims: c.claims.clone(),
+            }
+        });
+        let oidc = cfg.oidc.as_ref().map(|c| Oidc {
+            issuer: c.issuer.clone(),
+            audiences: c.audiences.clone(),
+            algorithms: c.algorithms.clone(),
+            jwks: std::sync::Arc::new(Jwks::new(c)),
+            claims: c.claims.clone(),
+        });
+        Some(External {
+            login_service,
+            oidc,
+            links: RwLock::new(HashMap::new()),
+            db,
+        })
+    }
+
+    /// Starts the background key-set fetcher (needs a running runtime).
+    pub fn start(&self) {
+        if let Some(o) = &self.oidc {
+            tokio::spawn(o.jwks.clone().run());
+        }
+    }
+
+    /// Authenticates a token from another issuer; None when the token is not
+    /// one (it names this proxy as issuer, or no configured issuer matches):
+    /// the local check then decides.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        snapshot: &SnapshotStore,
+    ) -> Option<Result<Identity, AuthFailure>> {
+        let issuer = peek_issuer(token)?;
+        if issuer.as_deref() == Some(super::ISSUER) {
+            return None;
+        }
+        let verified = if let Some(o) = self
+            .oidc
+            .as_ref()
+            .filter(|o| issuer.as_deref() == Some(o.issuer.as_str()))
+        {
+            o.verify(token).await
+        } else if let Some(l) = self.login_service.as_ref() {
+            l.verify(token)
+        } else {
+            return None;
+        };
+        Some(match verified {
+            Ok(v) => self.identity(&v, snapshot).await,
+            Err(f) => Err(f),
+        })
+    }
+
+    /// The local user of a verified token: from memory when known, otherwise
+    /// found or provisioned in the database.
+    async fn identity(
+        &self,
+        v: &Verified<'_>,
+        snapshot: &SnapshotStore,
+    ) -> Result<Identity, AuthFailure> {
+        let key = (v.issuer_key.to_string(), v.subject.clone());
+        let known = self.links.read().get(&key).copied();
+        if let Some(user_id) = known {
+            let snap = snapshot.get();
+            if let Some(user) = snap.users.get(&user_id) {
+                if snap.revoked.contains(&v.token_id) {
+                    return Err(AuthFailure::Revoked);
+                }
+                return admit(v, user_id, user.role, user.active, user.tokens_valid_after);
+            }
+        }
+        // First sight on this instance, or a user the snapshot does not hold yet.
+        let linked = match store::external::find(&self.db, &key.0, &key.1).await {
+            Ok(Some(l)) => l,
+            Ok(None) => self.provision(v).await?,
+            Err(e) => {
+                log::warn!("external identity lookup failed: {e}");
+                return Err(AuthFailure::Unavailable);
+            }
+        };
+        self.links.write().insert(key, linked.user_id);
+        if snapshot.get().revoked.contains(&v.token_id) {
+            return Err(AuthFailure::Revoked);
+        }
+        admit(
+            v,
+            linked.user_id,
+            Role::parse(&linked.role).unwrap_or(Role::User),
+            linked.active,
+            linked.tokens_valid_after,
+        )
+    }
+
+    async fn provision(
+        &self,
+        v: &Verified<'_>,
+    ) -> Result<store::external::LinkedUser, AuthFailure> {
+        // A real hash of a password nobody knows: a password login as this user
+        // costs the same time as any other failed login, and never succeeds.
+        let hash =
+            match super::password::hash_password_pooled(super::password::random_token(32)).await {
+                Some(Ok(h)) => h,
+                _ => return Err(AuthFailure::Unavailable),
+            };
+        let role = if v.admin { Role::Admin } else { Role::User };
+        let names = candidate_usernames(&v.username, v.issuer_key, &v.subject);
+        match store::external::provision(
+            &self.db,
+            v.issuer_key,
+            &v.subject,
+            &names,
+            role.as_str(),
+            &hash,
+        )
+        .await
+        {
+            Ok(u) => {
+                crate::metrics::EXTERNAL_USERS_PROVISIONED.inc();
+                log::info!(
+                    "provisioned user {} for a new identity of {}",
+                    u.user_id,
+                    v.issuer_key
+                );
+                Ok(u)
+            }
+            Err(e) => {
+                log::warn!("provisioning an external identity failed: {e}");
+                Err(AuthFailure::Unavailable)
+            }
+        }
+    }
+}
+
+/// The checks every token of a known user passes, external or not.
+fn admit(
+    v: &Verified<'_>,
+    user_id: i64,
+    role: Role,
+    active: bool,
+    tokens_valid_after: DateTime<Utc>,
+) -> Result<Identity, AuthFailure> {
+    if !active {
+        return Err(AuthFailure::Inactive);
+    }
+    if v.issued_ms < tokens_valid_after.timestamp_millis() {
+        return Err(AuthFailure::Revoked);
+    }
+    Ok(Identity {
+        user_id,
+        // Admin only while both this proxy and the issuer say so: a local
+        // demotion and one at the issuer both take effect at once.
+        role: if role == Role::Admin && v.admin {
+            Role::Admin
+        } else {
+            Role::User
+        },
+        credential: Credential::Jwt {
+            jti: v.token_id,
+            expires_at: v.expires_at,
+        },
+    })
+}
+
+impl LoginService {
+    fn verify(&self, token: &str) -> Result<Verified<'_>, AuthFailure> {
+        let claims = decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(failure)?
+            .claims;
+        verified(token, &self.issuer_key, &self.claims, &claims)
+    }
+}
+
+impl Oidc {
+    async fn verify(&self, token: &str) -> Result<Verified<'_>, AuthFailure> {
+        let header = decode_header(token).map_err(|_| AuthFailure::Malformed)?;
+        // Only the provider's asymmetric algorithms: never HS* (its public key
+        // is public), never a key the token brings along (`jwk`, `jku`, `x5u`).
+        if !self.algorithms.contains(&header.alg) {
+            return Err(AuthFailure::BadSignature);
+        }
+        let key = self
+            .jwks
+            .key_for(header.kid.as_deref(), header.alg)
+            .await
+            .ok_or(AuthFailure::BadSignature)?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&self.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let claims = decode::<Claims>(token, &key.key, &validation)
+            .map_err(failure)?
+            .claims;
+        verified(token, &self.issuer, &self.claims, &claims)
+    }
+}
+
+fn failure(e: jsonwebtoken::errors::Error) -> AuthFailure {
+    match e.kind() {
+        ErrorKind::ExpiredSignature => AuthFailure::Expired,
+        ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+        _ => AuthFailure::Malformed,
+    }
+}
+
+/// The holder's identity from verified claims.
+fn verified<'a>(
+    token: &str,
+    issuer_key: &'a str,
+    names: &ClaimNames,
+    claims: &Claims,
+) -> Result<Verified<'a>, AuthFailure> {
+    let subject = match claims.get(&names.subject) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err(AuthFailure::Malformed),
+    };
+    if subject.is_empty() || subject.chars().count() > MAX_SUBJECT_CHARS {
+        return Err(AuthFailure::Malformed);
+    }
+    // `iat` decides whether a "revoke all" covers the token: required.
+    let iat = claims
+        .get("iat")
+        .and_then(Value::as_f64)
+        .ok_or(AuthFailure::Malformed)?;
+    let now = Utc::now().timestamp();
+    if !iat.is_finite() || iat as i64 > now + MAX_FUTURE_IAT_SECONDS {
+        return Err(AuthFailure::Malformed);
+    }
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_f64)
+        .ok_or(AuthFailure::Malformed)?;
+    let username = match claims.get(&names.username) {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => subject.clone(),
+    };
+    let admin = role_values(claims, &names.role)
+        .iter()
+        .any(|r| names.admin_roles.iter().any(|a| a == r));
+    Ok(Verified {
+        issuer_key,
+        subject,
+        username,
+        admin,
+        issued_ms: (iat * 1000.0) as i64,
+        expires_at: DateTime::from_timestamp(exp as i64, 0).unwrap_or_else(Utc::now),
+        token_id: token_id(issuer_key, token),
+    })
+}
+
+/// The strings at a claim name or dotted path (`realm_access.roles`).
+fn role_values(claims: &Claims, path: &str) -> Vec<String> {
+    let value = claims.get(path).or_else(|| {
+        let mut parts = path.split('.');
+        let first = claims.get(parts.next()?)?;
+        parts.try_fold(first, |v, p| v.get(p))
+    });
+    match value {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A stable id for one external token, so that it can be revoked alone.
+fn token_id(issuer_key: &str, token: &str) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(b"external-token\0");
+    h.update(issuer_key.as_bytes());
+    h.update(b"\0");
+    h.update(token.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// The claimed name, then the name with a suffix derived from the identity
+/// (a local user of the same name keeps it; the link never follows names).
+fn candidate_usernames(claimed: &str, issuer: &str, subject: &str) -> Vec<String> {
+    let clean: String = claimed
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_USERNAME_CHARS)
+        .collect();
+    let clean = if clean.trim().is_empty() {
+        "user".to_string()
+    } else {
+        clean.trim().to_string()
+    };
+    let digest = hex::encode(Sha256::digest(format!("{issuer}\0{subject}").as_bytes()));
+    let mut names = vec![clean.clone()];
+    for len in [8, 16, 32] {
+        let suffix = &digest[..len];
+        let stem: String = clean.chars().take(MAX_USERNAME_CHARS - len - 1).collect();
+        names.push(format!("{stem}~{suffix}"));
+    }
+    names
+}
+
+/// The `iss` claim of a token, unverified, to route it to its check.
+/// None when the token is not a JWT at all; Some(None) when it has no `iss`.
+fn peek_issuer(token: &str) -> Option<Option<String>> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        iss: Option<Value>,
+    }
+    let mut parts = token.split('.');
+    let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let peek: Peek = serde_json::from_slice(&bytes).ok()?;
+    Some(match peek.iss {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn roles_come_from_a_name_or_a_path() {
+        let claims: Claims = serde_json::from_value(json!({
+            "role": "admin",
+            "realm_access": {"roles": ["offline", "proxy-admin"]},
+            "groups": "x"
+        }))
+        .expect("map");
+        assert_eq!(role_values(&claims, "role"), ["admin"]);
+        assert_eq!(
+            role_values(&claims, "realm_access.roles"),
+            ["offline", "proxy-admin"]
+        );
+        assert!(role_values(&claims, "missing.path").is_empty());
+    }
+
+    #[test]
+    fn usernames_fit_and_differ_per_identity() {
+        let long = "x".repeat(100);
+        let names = candidate_usernames(&long, "iss", "sub");
+        assert!(names
+            .iter()
+            .all(|n| n.chars().count() <= MAX_USERNAME_CHARS));
+        assert_eq!(names[0].chars().count(), MAX_USERNAME_CHARS);
+        let other = candidate_usernames(&long, "iss", "sub2");
+        assert_ne!(names[1], other[1]);
+        assert_eq!(candidate_usernames("  ", "i", "s")[0], "user");
+    }
+
+    #[test]
+    fn issuer_peek_routes_only() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let t = format!("{}.{}.sig", b64("{}"), b64(r#"{"iss":"https://idp"}"#));
+        assert_eq!(peek_issuer(&t), Some(Some("https://idp".into())));
+        let t = format!("{}.{}.sig", b64("{}"), b64(r#"{"sub":"1"}"#));
+        assert_eq!(peek_issuer(&t), Some(None));
+        assert_eq!(peek_issuer("not-a-jwt"), None);
+        assert_eq!(peek_issuer("a.b.c.d"), None);
+    }
+}
