@@ -51,6 +51,9 @@ pub struct ExternalAuthConfig {
     pub login_service: Option<LoginServiceConfig>,
     /// One OpenID Connect provider: RS256/ES256 tokens checked against its JWKS.
     pub oidc: Option<OidcConfig>,
+    /// `EXTERNAL_AUTH_URL`: password logins of users who are not local are
+    /// checked by this login service (its token is verified with the shared secret).
+    pub auth_url: Option<String>,
 }
 
 impl ExternalAuthConfig {
@@ -510,9 +513,23 @@ fn external_auth(src: &Source, own_secret: &str, errs: &mut Vec<String>) -> Exte
         }
     });
 
+    let auth_url = non_empty("EXTERNAL_AUTH_URL");
+    if let Some(u) = &auth_url {
+        match url::Url::parse(u) {
+            Ok(p) if matches!(p.scheme(), "http" | "https") => {}
+            _ => errs.push(format!("EXTERNAL_AUTH_URL: {u:?} is not an http(s) URL")),
+        }
+        if login_service.is_none() {
+            errs.push(
+                "EXTERNAL_AUTH_URL: needs EXTERNAL_JWT_SECRET to verify the tokens the login service returns"
+                    .into(),
+            );
+        }
+    }
     ExternalAuthConfig {
         login_service,
         oidc,
+        auth_url,
     }
 }
 

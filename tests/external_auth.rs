@@ -587,3 +587,116 @@ async fn login_service_tokens_work_and_follow_revocation_and_deactivation() {
     // Still the same user: deactivation did not make a new one.
     assert_eq!(linked_user(&w, "64f1c0ffee").await.expect("bob").0, bob);
 }
+
+/// A stand-in for the login service behind `EXTERNAL_AUTH_URL`: accepts
+/// `right-NAME` as NAME's password, answers with its HS256 token (role admin
+/// for "ada"), and records the usernames it was asked about.
+async fn start_login_service() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the test login service");
+    let url = format!("http://{}/login", listener.local_addr().expect("addr"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen_by_handler = seen.clone();
+    let app = axum::Router::new().route(
+        "/login",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let seen = seen_by_handler.clone();
+            async move {
+                let user = body["username"].as_str().unwrap_or("").to_string();
+                seen.lock().push(user.clone());
+                if body["password"].as_str() != Some(format!("right-{user}").as_str()) {
+                    return (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        axum::Json(json!({"detail": "Invalid credentials"})),
+                    );
+                }
+                let role = if user == "ada" { "admin" } else { "enduser" };
+                let token = login_service_token(&format!("ls-{user}"), &user, role, now());
+                (
+                    axum::http::StatusCode::OK,
+                    axum::Json(json!({"access_token": token, "token_type": "bearer"})),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("[test login service] {e}");
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_logins_of_login_service_users_are_delegated() {
+    let (url, seen) = start_login_service().await;
+    let w = World::start_with(|o| {
+        o.env("EXTERNAL_JWT_SECRET", LOGIN_SERVICE_SECRET)
+            .env("EXTERNAL_SUBJECT_CLAIM", "user_id")
+            .env("EXTERNAL_AUTH_URL", url)
+    })
+    .await;
+    let admin = admin_token(&w).await;
+    assert!(
+        seen.lock().is_empty(),
+        "a local user's password went to the login service"
+    );
+    let login = |user: &str, password: &str| {
+        let http = w.http.clone();
+        let url = w.url("/chat/authenticate");
+        let body = json!({"username": user, "password": password});
+        async move { http.post(url).json(&body).send().await.expect("send") }
+    };
+
+    let r = login("dora", "right-dora").await;
+    assert_eq!(r.status(), 200, "{}", w.proxy.output_dump());
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["user"]["username"], "dora");
+    let access = v["access_token"].as_str().expect("access").to_string();
+    let refresh = v["refresh_token"].as_str().expect("refresh").to_string();
+    let (dora, _, role) = linked_user(&w, "ls-dora").await.expect("provisioned");
+    assert_eq!(role, "user");
+    assert_eq!(v["user"]["id"], dora);
+    assert_eq!(status(&w, "/chat/credits", &access).await, 200);
+    let r = w
+        .http
+        .post(w.url("/chat/refresh"))
+        .json(&json!({"refresh_token": refresh}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "a proxy session: refresh works");
+
+    let r = login("dora", "wrong").await;
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "invalid_credentials");
+
+    // The login service's admin role maps to an admin here.
+    let r = login("ada", "right-ada").await;
+    assert_eq!(r.status(), 200);
+    let ada: Value = r.json().await.expect("json");
+    let ada_token = ada["access_token"].as_str().expect("access");
+    assert_eq!(status(&w, "/admin/users", ada_token).await, 200);
+
+    // Deactivated here: the login service's yes is not enough.
+    let r = w
+        .patch(
+            &format!("/admin/users/{dora}"),
+            &admin,
+            &json!({"active": false}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(login("dora", "right-dora").await.status(), 401);
+    assert_eq!(status(&w, "/chat/credits", &access).await, 401);
+
+    // Local users log in locally: their passwords never reach the login service.
+    w.login("root").await;
+    assert!(
+        !seen.lock().iter().any(|u| u == "root"),
+        "{:?}",
+        seen.lock()
+    );
+}

@@ -16,6 +16,12 @@
 //! single token can be revoked (its id is derived from a hash of the token).
 //! Known identities are resolved from memory; only the first request of an
 //! identity on an instance reads (or writes) the database.
+//!
+//! With `EXTERNAL_AUTH_URL`, `POST /chat/authenticate` of a user who is not a
+//! local one (unknown here, or provisioned from the login service) forwards
+//! username and password to the login service and verifies the token it returns
+//! like any login-service token; the caller gets this proxy's own token pair.
+//! Local users' passwords never leave the proxy.
 
 use std::collections::HashMap;
 
@@ -30,7 +36,8 @@ use uuid::Uuid;
 use super::jwks::Jwks;
 use super::{AuthFailure, Credential, Identity, Role, SnapshotStore};
 use crate::config::{ClaimNames, ExternalAuthConfig};
-use crate::store::{self, Db};
+use crate::errors::ApiError;
+use crate::store::{self, identity::UserRow, Db};
 
 /// The issuer recorded for login-service identities when the service sets no `iss`.
 const LOGIN_SERVICE_ISSUER: &str = "external-login-service";
@@ -41,6 +48,8 @@ const LEEWAY_SECONDS: u64 = 30;
 const MAX_FUTURE_IAT_SECONDS: i64 = 60;
 const MAX_SUBJECT_CHARS: usize = 255;
 const MAX_USERNAME_CHARS: usize = 64;
+/// Bounds one delegated login.
+const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 type Claims = Map<String, Value>;
 
@@ -70,9 +79,23 @@ struct Verified<'a> {
     token_id: Uuid,
 }
 
+/// What the login service said about a password login.
+pub enum Delegated {
+    /// Not its user (or no login service): the local password decides.
+    No,
+    Refused,
+    Accepted(UserRow),
+}
+
+struct LoginDelegate {
+    url: String,
+    http: reqwest::Client,
+}
+
 pub struct External {
     login_service: Option<LoginService>,
     oidc: Option<Oidc>,
+    delegate: Option<LoginDelegate>,
     /// (issuer, subject) → local user id, learnt from the database.
     links: RwLock<HashMap<(String, String), i64>>,
     db: Db,
@@ -120,9 +143,18 @@ impl External {
             jwks: std::sync::Arc::new(Jwks::new(c)),
             claims: c.claims.clone(),
         });
+        let delegate = cfg.auth_url.as_ref().map(|url| LoginDelegate {
+            url: url.clone(),
+            http: reqwest::Client::builder()
+                .timeout(LOGIN_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+        });
         Some(External {
             login_service,
             oidc,
+            delegate,
             links: RwLock::new(HashMap::new()),
             db,
         })
@@ -162,6 +194,52 @@ impl External {
             Ok(v) => self.identity(&v, snapshot).await,
             Err(f) => Err(f),
         })
+    }
+
+    /// A password login through the login service, for users who are not local.
+    pub async fn login(
+        &self,
+        db: &Db,
+        snapshot: &SnapshotStore,
+        username: &str,
+        password: &str,
+        local_user: Option<i64>,
+    ) -> Result<Delegated, ApiError> {
+        let (Some(delegate), Some(service)) = (&self.delegate, &self.login_service) else {
+            return Ok(Delegated::No);
+        };
+        if let Some(id) = local_user {
+            if !store::external::is_linked(db, id).await? {
+                return Ok(Delegated::No);
+            }
+        }
+        let Some(token) = delegate.call(username, password).await? else {
+            return Ok(Delegated::Refused);
+        };
+        let Ok(v) = service.verify(&token) else {
+            log::warn!(
+                "EXTERNAL_AUTH_URL returned a token that does not verify with EXTERNAL_JWT_SECRET and the EXTERNAL_* claim settings"
+            );
+            return Err(ApiError::unavailable());
+        };
+        let identity = match self.identity(&v, snapshot).await {
+            Ok(i) => i,
+            Err(AuthFailure::Unavailable) => return Err(ApiError::busy()),
+            // Deactivated here, or its tokens revoked after this one was issued.
+            Err(_) => return Ok(Delegated::Refused),
+        };
+        let mut user = store::identity::get_user(db, identity.user_id).await?;
+        if user.role == Role::Admin.as_str() && identity.role != Role::Admin {
+            // The login service no longer says admin: neither do we.
+            user =
+                store::identity::update_user(db, user.id, Some("user"), None, None, None).await?;
+            snapshot.refresh_now().await;
+        } else if !snapshot.get().users.contains_key(&user.id) {
+            // Just provisioned: the tokens we are about to issue are checked
+            // against the snapshot, so it must hold the user first.
+            snapshot.refresh_now().await;
+        }
+        Ok(Delegated::Accepted(user))
     }
 
     /// The local user of a verified token: from memory when known, otherwise
@@ -239,6 +317,47 @@ impl External {
             Err(e) => {
                 log::warn!("provisioning an external identity failed: {e}");
                 Err(AuthFailure::Unavailable)
+            }
+        }
+    }
+}
+
+impl LoginDelegate {
+    /// The login service's token for these credentials; None when it refuses them.
+    async fn call(&self, username: &str, password: &str) -> Result<Option<String>, ApiError> {
+        let resp = self
+            .http
+            .post(&self.url)
+            .json(&serde_json::json!({"username": username, "password": password}))
+            .send()
+            .await
+            .map_err(|e| {
+                log::warn!(
+                    "EXTERNAL_AUTH_URL could not be reached: {}",
+                    e.without_url()
+                );
+                ApiError::unavailable()
+            })?;
+        let status = resp.status();
+        if status.is_client_error() {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            log::warn!("EXTERNAL_AUTH_URL answered {status}");
+            return Err(ApiError::unavailable());
+        }
+        let body: Value = resp.json().await.map_err(|_| {
+            log::warn!("EXTERNAL_AUTH_URL answered 2xx without a JSON body");
+            ApiError::unavailable()
+        })?;
+        match ["access_token", "token"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_str))
+        {
+            Some(t) => Ok(Some(t.to_string())),
+            None => {
+                log::warn!("EXTERNAL_AUTH_URL answered 2xx without access_token");
+                Err(ApiError::unavailable())
             }
         }
     }

@@ -292,13 +292,28 @@ impl Auth {
             return Err(ApiError::rate_limited(wait));
         }
         let found = store::identity::login_lookup(db, username).await?;
-        let hash = found.as_ref().map(|(_, h)| h.clone());
-        let pw = password.to_string();
-        let ok = password::verify_password_pooled(pw, hash)
-            .await
-            .ok_or_else(ApiError::busy)?;
+        let local_id = found.as_ref().map(|(u, _)| u.id);
+        let delegated = match &self.external {
+            Some(ext) => {
+                ext.login(db, &self.snapshot, username, password, local_id)
+                    .await?
+            }
+            None => external::Delegated::No,
+        };
+        let (ok, found) = match delegated {
+            external::Delegated::Accepted(user) => (true, Some(user)),
+            external::Delegated::Refused => (false, None),
+            external::Delegated::No => {
+                let hash = found.as_ref().map(|(_, h)| h.clone());
+                let pw = password.to_string();
+                let ok = password::verify_password_pooled(pw, hash)
+                    .await
+                    .ok_or_else(ApiError::busy)?;
+                (ok, found.map(|(u, _)| u))
+            }
+        };
         match found {
-            Some((user, _)) if ok && user.active => {
+            Some(user) if ok && user.active => {
                 self.throttle.succeeded(username);
                 crate::metrics::LOGINS.with_label_values(&["success"]).inc();
                 let role = Role::parse(&user.role).unwrap_or(Role::User);

@@ -36,6 +36,17 @@ pub async fn find(db: &Db, issuer: &str, subject: &str) -> StoreResult<Option<Li
     Ok(row.as_ref().map(linked))
 }
 
+/// Whether a user was provisioned for an external identity.
+pub async fn is_linked(db: &Db, user_id: i64) -> StoreResult<bool> {
+    let c = db.get().await?;
+    Ok(c.query_opt(
+        "SELECT 1 FROM external_identities WHERE user_id = $1",
+        &[&user_id],
+    )
+    .await?
+    .is_some())
+}
+
 /// Creates a user (with an empty credit account) for an identity seen for the
 /// first time, under the first free name of `usernames`. When another request
 /// or instance provisions the same identity at the same moment, its user wins
