@@ -605,4 +605,52 @@ mod tests {
         assert!(parse_flowise_url("not a url").is_err());
         assert!(parse_flowise_url("http://user:pw@x").is_err());
     }
+
+    fn from_yaml(text: &str) -> Result<Config, Vec<String>> {
+        let base = "database_url: postgresql://postgres@127.0.0.1/x\njwt_secret_key: 0123456789abcdef0123456789abcdef0123\n";
+        let yaml = serde_yaml::from_str(&format!("{base}{text}")).expect("yaml");
+        let mut errs = Vec::new();
+        Config::from_source(&Source { yaml }, &mut errs).ok_or(errs)
+    }
+
+    #[test]
+    fn external_auth_settings_are_checked() {
+        let none = from_yaml("").expect("valid");
+        assert!(!none.external.any());
+        let ok = from_yaml(
+            "external_jwt_secret: login-service-secret-123\nexternal_subject_claim: user_id\n\
+             oidc_issuer: https://idp.example.com\noidc_audience: a, b\n",
+        )
+        .expect("valid");
+        let ls = ok.external.login_service.expect("login service");
+        assert_eq!(ls.claims.subject, "user_id");
+        assert_eq!(ls.claims.username, "username");
+        let oidc = ok.external.oidc.expect("oidc");
+        assert_eq!(oidc.audiences, ["a", "b"]);
+        assert_eq!(oidc.algorithms, [Algorithm::RS256, Algorithm::ES256]);
+        assert_eq!(oidc.claims.username, "preferred_username");
+
+        for (yaml, wanted) in [
+            ("oidc_issuer: https://idp.example.com\n", "OIDC_AUDIENCE"),
+            (
+                "oidc_issuer: https://idp.example.com\noidc_audience: a\noidc_algorithms: HS256\n",
+                "OIDC_ALGORITHMS",
+            ),
+            (
+                "external_auth_url: http://auth:3000/login\n",
+                "EXTERNAL_AUTH_URL",
+            ),
+            ("external_jwt_secret: short\n", "EXTERNAL_JWT_SECRET"),
+            (
+                "external_jwt_secret: 0123456789abcdef0123456789abcdef0123\n",
+                "EXTERNAL_JWT_SECRET",
+            ),
+        ] {
+            let errs = from_yaml(yaml).expect_err(yaml);
+            assert!(
+                errs.iter().any(|e| e.starts_with(wanted)),
+                "{yaml}: {errs:?}"
+            );
+        }
+    }
 }

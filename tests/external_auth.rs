@@ -65,6 +65,10 @@ impl Idp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the test IdP");
+        Self::serve(listener, keys)
+    }
+
+    fn serve(listener: tokio::net::TcpListener, keys: Vec<Value>) -> Idp {
         let issuer = format!("http://{}", listener.local_addr().expect("addr"));
         let idp = Idp {
             issuer: issuer.clone(),
@@ -699,4 +703,40 @@ async fn password_logins_of_login_service_users_are_delegated() {
         "{:?}",
         seen.lock()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_provider_refuses_its_tokens_until_it_answers() {
+    let port = support::free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let w = World::start_with(|o| {
+        o.env("OIDC_ISSUER", issuer.clone())
+            .env("OIDC_AUDIENCE", AUDIENCE)
+            .env("OIDC_JWKS_MIN_REFRESH_SECONDS", "1")
+    })
+    .await;
+    // The proxy started without its provider, and its own tokens work.
+    w.add_user("local", "user", 0);
+    let local = w.login("local").await;
+    assert_eq!(status(&w, "/chat/credits", &local).await, 200);
+    let t = now();
+    let claims = json!({"iss": issuer, "aud": AUDIENCE, "sub": "idp-frank",
+                        "iat": t, "exp": t + 600});
+    let token = sign(Algorithm::RS256, Some("key-a"), &rsa(KEY_A), &claims);
+    refused(&w, "provider unreachable", &token).await;
+
+    // The provider comes up at its address: its tokens work, without a restart.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("port {port} of the test IdP was taken meanwhile: {e}"));
+    let idp = Idp::serve(listener, vec![jwk(KEY_A_JWK)]);
+    assert!(
+        support::wait_until(Duration::from_secs(20), || async {
+            status(&w, "/chat/credits", &token).await == 200
+        })
+        .await,
+        "provider tokens still refused after it came up"
+    );
+    assert!(idp.fetches() >= 1);
+    assert!(linked_user(&w, "idp-frank").await.is_some());
 }
