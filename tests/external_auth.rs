@@ -248,6 +248,15 @@ async fn oidc_tokens_provision_users_and_follow_key_rotation() {
     let boss_demoted = sign(Algorithm::RS256, Some("key-a"), &key_a, &boss);
     assert_eq!(status(&w, "/admin/users", &boss_demoted).await, 403);
 
+    // No key id: the one RSA key of the set fits, so it is used.
+    let no_kid = sign(
+        Algorithm::RS256,
+        None,
+        &key_a,
+        &idp.claims("idp-alice", "alice"),
+    );
+    assert_eq!(status(&w, "/chat/credits", &no_kid).await, 200);
+
     // Refused, all with 401.
     let good = idp.claims("idp-alice", "alice");
     let with = |field: &str, value: Value| {
@@ -281,6 +290,7 @@ async fn oidc_tokens_provision_users_and_follow_key_rotation() {
             "iat in the future",
             signed_a(&with("iat", json!(now() + 3600))),
         ),
+        ("not yet valid", signed_a(&with("nbf", json!(now() + 3600)))),
         ("no subject", signed_a(&with("sub", Value::Null))),
         ("tampered", tampered.join(".")),
         (

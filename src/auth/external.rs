@@ -110,6 +110,7 @@ impl External {
         let login_service = cfg.login_service.as_ref().map(|c| {
             let mut validation = Validation::new(c.algorithm);
             validation.leeway = LEEWAY_SECONDS;
+            validation.validate_nbf = true;
             let mut required = vec!["exp"];
             match &c.issuer {
                 Some(iss) => {
@@ -417,6 +418,7 @@ impl Oidc {
             .ok_or(AuthFailure::BadSignature)?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&self.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);

@@ -35,7 +35,8 @@ pub struct VerifyKey {
 #[derive(Default)]
 struct KeySet {
     by_kid: HashMap<String, Arc<VerifyKey>>,
-    /// Keys published without a `kid` (usable only by tokens without one).
+    /// Keys published without a `kid` (usable only by tokens without one, and
+    /// only when exactly one key fits).
     without_kid: Vec<Arc<VerifyKey>>,
 }
 
@@ -95,8 +96,13 @@ impl Jwks {
         let usable = |k: &&Arc<VerifyKey>| k.algorithms.contains(&alg);
         match kid {
             Some(kid) => keys.by_kid.get(kid).filter(usable).cloned(),
+            // No key id: only an unambiguous key will do.
             None => {
-                let mut candidates = keys.without_kid.iter().filter(usable);
+                let mut candidates = keys
+                    .without_kid
+                    .iter()
+                    .chain(keys.by_kid.values())
+                    .filter(usable);
                 match (candidates.next(), candidates.next()) {
                     (Some(only), None) => Some(only.clone()),
                     _ => None,
