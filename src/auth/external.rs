@@ -89,7 +89,7 @@ pub enum Delegated {
 
 struct LoginDelegate {
     url: String,
-    http: reqwest::Client,
+    http: Result<reqwest::Client, String>,
 }
 
 pub struct External {
@@ -150,7 +150,7 @@ impl External {
                 .timeout(LOGIN_TIMEOUT)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
-                .unwrap_or_default(),
+                .map_err(|e| format!("cannot build an HTTP client: {e}")),
         });
         Some(External {
             login_service,
@@ -287,8 +287,8 @@ impl External {
         &self,
         v: &Verified<'_>,
     ) -> Result<store::external::LinkedUser, AuthFailure> {
-        // A real hash of a password nobody knows: a password login as this user
-        // costs the same time as any other failed login, and never succeeds.
+        // A real hash of a password nobody knows: a local password login as this
+        // user costs the same time as any other failed one, and never succeeds.
         let hash =
             match super::password::hash_password_pooled(super::password::random_token(32)).await {
                 Some(Ok(h)) => h,
@@ -306,13 +306,15 @@ impl External {
         )
         .await
         {
-            Ok(u) => {
-                crate::metrics::EXTERNAL_USERS_PROVISIONED.inc();
-                log::info!(
-                    "provisioned user {} for a new identity of {}",
-                    u.user_id,
-                    v.issuer_key
-                );
+            Ok((u, created)) => {
+                if created {
+                    crate::metrics::EXTERNAL_USERS_PROVISIONED.inc();
+                    log::info!(
+                        "provisioned user {} for a new identity of {}",
+                        u.user_id,
+                        v.issuer_key
+                    );
+                }
                 Ok(u)
             }
             Err(e) => {
@@ -326,8 +328,11 @@ impl External {
 impl LoginDelegate {
     /// The login service's token for these credentials; None when it refuses them.
     async fn call(&self, username: &str, password: &str) -> Result<Option<String>, ApiError> {
-        let resp = self
-            .http
+        let http = self.http.as_ref().map_err(|e| {
+            log::error!("EXTERNAL_AUTH_URL: {e}");
+            ApiError::unavailable()
+        })?;
+        let resp = http
             .post(&self.url)
             .json(&serde_json::json!({"username": username, "password": password}))
             .send()

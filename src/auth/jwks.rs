@@ -59,7 +59,8 @@ pub struct Jwks {
     every: Duration,
     min_interval: Duration,
     wait: Duration,
-    http: reqwest::Client,
+    /// Built once; an error (no TLS backend) is reported by every refresh.
+    http: Result<reqwest::Client, String>,
 }
 
 impl Jwks {
@@ -69,7 +70,7 @@ impl Jwks {
             .connect_timeout(FETCH_TIMEOUT)
             .user_agent(concat!("flowise-proxy/", env!("CARGO_PKG_VERSION")))
             .build()
-            .unwrap_or_default();
+            .map_err(|e| format!("cannot build an HTTP client: {e}"));
         Jwks {
             issuer: cfg.issuer.clone(),
             jwks_url: Mutex::new(cfg.jwks_url.clone()),
@@ -215,8 +216,8 @@ impl Jwks {
     }
 
     async fn fetch_json(&self, url: &str) -> Result<Value, String> {
-        let mut resp = self
-            .http
+        let http = self.http.as_ref().map_err(Clone::clone)?;
+        let mut resp = http
             .get(url)
             .header("Accept", "application/json")
             .send()

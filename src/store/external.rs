@@ -50,7 +50,8 @@ pub async fn is_linked(db: &Db, user_id: i64) -> StoreResult<bool> {
 /// Creates a user (with an empty credit account) for an identity seen for the
 /// first time, under the first free name of `usernames`. When another request
 /// or instance provisions the same identity at the same moment, its user wins
-/// and this one is rolled back: one identity, one user.
+/// and this one is rolled back: one identity, one user. The flag says whether
+/// this call created the user.
 pub async fn provision(
     db: &Db,
     issuer: &str,
@@ -58,7 +59,7 @@ pub async fn provision(
     usernames: &[String],
     role: &str,
     password_hash: &str,
-) -> StoreResult<LinkedUser> {
+) -> StoreResult<(LinkedUser, bool)> {
     let mut c = db.get().await?;
     let tx = c.transaction().await?;
     let mut created = None;
@@ -96,9 +97,10 @@ pub async fn provision(
     if linked_now == 0 {
         tx.rollback().await?;
         drop(c);
-        return find(db, issuer, subject)
+        let winner = find(db, issuer, subject)
             .await?
-            .ok_or_else(|| StoreError::Unavailable("external identity vanished".into()));
+            .ok_or_else(|| StoreError::Unavailable("external identity vanished".into()))?;
+        return Ok((winner, false));
     }
     tx.execute(
         "INSERT INTO audit_log (actor_id, action, target, details) VALUES (NULL, 'user.provision', $1, $2)",
@@ -109,5 +111,5 @@ pub async fn provision(
     )
     .await?;
     tx.commit().await?;
-    Ok(user)
+    Ok((user, true))
 }
