@@ -556,14 +556,18 @@ async fn login_service_tokens_work_and_follow_revocation_and_deactivation() {
     );
     assert_eq!(status(&w, "/chat/credits", &t2).await, 200);
 
-    // Revoke all: every token issued so far stops, on every instance; a new
-    // one from the login service works.
+    // Revoke all: every token issued so far stops, on every instance, not
+    // only the presented one; a new one from the login service works.
+    let t2b = login_service_token("64f1c0ffee", "bob", "enduser", now() - 4);
+    assert_eq!(status(&w, "/chat/credits", &t2b).await, 200);
+    assert_eq!(on_second(t2b.clone()).await, 200);
     let r = w.post("/chat/revoke", &t2, &json!({"all": true})).await;
     assert_eq!(r.status(), 200);
     assert_eq!(status(&w, "/chat/credits", &t2).await, 401);
+    assert_eq!(status(&w, "/chat/credits", &t2b).await, 401);
     assert!(
         support::wait_until(Duration::from_secs(10), || async {
-            on_second(t2.clone()).await == 401
+            on_second(t2.clone()).await == 401 && on_second(t2b.clone()).await == 401
         })
         .await,
         "revoke-all did not reach the second instance"
