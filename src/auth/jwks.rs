@@ -120,6 +120,10 @@ impl Jwks {
         }
         let mut finished = self.finished.subscribe();
         let seen = *finished.borrow_and_update();
+        // A refresh may have finished between the lookup and the subscription.
+        if let Some(k) = self.lookup(kid, alg) {
+            return Some(k);
+        }
         if !self.ask_refresh() {
             return None;
         }
