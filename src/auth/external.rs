@@ -24,6 +24,7 @@
 //! Local users' passwords never leave the proxy.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -48,6 +49,8 @@ const LEEWAY_SECONDS: u64 = 30;
 const MAX_FUTURE_IAT_SECONDS: i64 = 60;
 const MAX_SUBJECT_CHARS: usize = 255;
 const MAX_USERNAME_CHARS: usize = 64;
+/// Bound of the verified-token cache (entries are ~200 bytes).
+const VERIFIED_CACHE_ENTRIES: usize = 50_000;
 /// Bounds one delegated login.
 const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -69,9 +72,9 @@ struct Oidc {
 }
 
 /// What a verified token says about its holder.
-struct Verified<'a> {
-    issuer_key: &'a str,
-    subject: String,
+struct Verified {
+    /// (issuer, subject): the identity, linked to one local user.
+    identity: (String, String),
     username: String,
     admin: bool,
     issued_ms: i64,
@@ -92,12 +95,23 @@ struct LoginDelegate {
     http: Result<reqwest::Client, String>,
 }
 
+struct Cached {
+    verified: Arc<Verified>,
+    /// The OIDC key-set version it was verified under; None: login service.
+    keys_version: Option<u64>,
+}
+
 pub struct External {
     login_service: Option<LoginService>,
     oidc: Option<Oidc>,
     delegate: Option<LoginDelegate>,
     /// (issuer, subject) → local user id, learnt from the database.
     links: RwLock<HashMap<(String, String), i64>>,
+    /// Tokens whose signature and claims were verified, by SHA-256 of the
+    /// token: a repeated token costs a hash, not a signature check (RS256
+    /// ~50 µs, ES256 ~150 µs). Expiry is checked on every use; an OIDC entry
+    /// is used only under the key set it was verified with.
+    verified: RwLock<HashMap<[u8; 32], Cached>>,
     db: Db,
 }
 
@@ -157,6 +171,7 @@ impl External {
             oidc,
             delegate,
             links: RwLock::new(HashMap::new()),
+            verified: RwLock::new(HashMap::new()),
             db,
         })
     }
@@ -176,25 +191,68 @@ impl External {
         token: &str,
         snapshot: &SnapshotStore,
     ) -> Option<Result<Identity, AuthFailure>> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(v) = self.recall(&digest) {
+            if v.expires_at.timestamp() < Utc::now().timestamp() - LEEWAY_SECONDS as i64 {
+                return Some(Err(AuthFailure::Expired));
+            }
+            return Some(self.identity(&v, snapshot).await);
+        }
         let issuer = peek_issuer(token)?;
         if issuer.as_deref() == Some(super::ISSUER) {
             return None;
         }
-        let verified = if let Some(o) = self
+        let (verified, keys_version) = if let Some(o) = self
             .oidc
             .as_ref()
             .filter(|o| issuer.as_deref() == Some(o.issuer.as_str()))
         {
-            o.verify(token).await
+            // The version before the check: a set replaced meanwhile makes the
+            // entry stale at once, never the other way round.
+            let version = o.jwks.version();
+            (o.verify(token, &digest).await, Some(version))
         } else if let Some(l) = self.login_service.as_ref() {
-            l.verify(token)
+            (l.verify(token, &digest), None)
         } else {
             return None;
         };
         Some(match verified {
-            Ok(v) => self.identity(&v, snapshot).await,
+            Ok(v) => {
+                let v = Arc::new(v);
+                self.remember(digest, v.clone(), keys_version);
+                self.identity(&v, snapshot).await
+            }
             Err(f) => Err(f),
         })
+    }
+
+    /// A token verified before, under the current key set.
+    fn recall(&self, digest: &[u8; 32]) -> Option<Arc<Verified>> {
+        let cache = self.verified.read();
+        let hit = cache.get(digest)?;
+        match (hit.keys_version, &self.oidc) {
+            (None, _) => Some(hit.verified.clone()),
+            (Some(v), Some(o)) if v == o.jwks.version() => Some(hit.verified.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember(&self, digest: [u8; 32], verified: Arc<Verified>, keys_version: Option<u64>) {
+        let mut cache = self.verified.write();
+        if cache.len() >= VERIFIED_CACHE_ENTRIES {
+            let now = Utc::now();
+            cache.retain(|_, c| c.verified.expires_at > now);
+            if cache.len() >= VERIFIED_CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            digest,
+            Cached {
+                verified,
+                keys_version,
+            },
+        );
     }
 
     /// A password login through the login service, for users who are not local.
@@ -217,7 +275,8 @@ impl External {
         let Some(token) = delegate.call(username, password).await? else {
             return Ok(Delegated::Refused);
         };
-        let Ok(v) = service.verify(&token) else {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let Ok(v) = service.verify(&token, &digest) else {
             log::warn!(
                 "EXTERNAL_AUTH_URL returned a token that does not verify with EXTERNAL_JWT_SECRET and the EXTERNAL_* claim settings"
             );
@@ -247,11 +306,10 @@ impl External {
     /// found or provisioned in the database.
     async fn identity(
         &self,
-        v: &Verified<'_>,
+        v: &Verified,
         snapshot: &SnapshotStore,
     ) -> Result<Identity, AuthFailure> {
-        let key = (v.issuer_key.to_string(), v.subject.clone());
-        let known = self.links.read().get(&key).copied();
+        let known = self.links.read().get(&v.identity).copied();
         if let Some(user_id) = known {
             let snap = snapshot.get();
             if let Some(user) = snap.users.get(&user_id) {
@@ -262,7 +320,8 @@ impl External {
             }
         }
         // First sight on this instance, or a user the snapshot does not hold yet.
-        let linked = match store::external::find(&self.db, &key.0, &key.1).await {
+        let (issuer, subject) = &v.identity;
+        let linked = match store::external::find(&self.db, issuer, subject).await {
             Ok(Some(l)) => l,
             Ok(None) => self.provision(v).await?,
             Err(e) => {
@@ -270,7 +329,9 @@ impl External {
                 return Err(AuthFailure::Unavailable);
             }
         };
-        self.links.write().insert(key, linked.user_id);
+        self.links
+            .write()
+            .insert(v.identity.clone(), linked.user_id);
         if snapshot.get().revoked.contains(&v.token_id) {
             return Err(AuthFailure::Revoked);
         }
@@ -283,10 +344,7 @@ impl External {
         )
     }
 
-    async fn provision(
-        &self,
-        v: &Verified<'_>,
-    ) -> Result<store::external::LinkedUser, AuthFailure> {
+    async fn provision(&self, v: &Verified) -> Result<store::external::LinkedUser, AuthFailure> {
         // A real hash of a password nobody knows: a local password login as this
         // user costs the same time as any other failed one, and never succeeds.
         let hash =
@@ -295,16 +353,10 @@ impl External {
                 _ => return Err(AuthFailure::Unavailable),
             };
         let role = if v.admin { Role::Admin } else { Role::User };
-        let names = candidate_usernames(&v.username, v.issuer_key, &v.subject);
-        match store::external::provision(
-            &self.db,
-            v.issuer_key,
-            &v.subject,
-            &names,
-            role.as_str(),
-            &hash,
-        )
-        .await
+        let (issuer, subject) = &v.identity;
+        let names = candidate_usernames(&v.username, issuer, subject);
+        match store::external::provision(&self.db, issuer, subject, &names, role.as_str(), &hash)
+            .await
         {
             Ok((u, created)) => {
                 if created {
@@ -312,7 +364,7 @@ impl External {
                     log::info!(
                         "provisioned user {} for a new identity of {}",
                         u.user_id,
-                        v.issuer_key
+                        issuer
                     );
                 }
                 Ok(u)
@@ -371,7 +423,7 @@ impl LoginDelegate {
 
 /// The checks every token of a known user passes, external or not.
 fn admit(
-    v: &Verified<'_>,
+    v: &Verified,
     user_id: i64,
     role: Role,
     active: bool,
@@ -400,16 +452,16 @@ fn admit(
 }
 
 impl LoginService {
-    fn verify(&self, token: &str) -> Result<Verified<'_>, AuthFailure> {
+    fn verify(&self, token: &str, digest: &[u8; 32]) -> Result<Verified, AuthFailure> {
         let claims = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(failure)?
             .claims;
-        verified(token, &self.issuer_key, &self.claims, &claims)
+        verified(digest, &self.issuer_key, &self.claims, &claims)
     }
 }
 
 impl Oidc {
-    async fn verify(&self, token: &str) -> Result<Verified<'_>, AuthFailure> {
+    async fn verify(&self, token: &str, digest: &[u8; 32]) -> Result<Verified, AuthFailure> {
         let header = decode_header(token).map_err(|_| AuthFailure::Malformed)?;
         // Only the provider's asymmetric algorithms: never HS* (its public key
         // is public), never a key the token brings along (`jwk`, `jku`, `x5u`).
@@ -430,7 +482,7 @@ impl Oidc {
         let claims = decode::<Claims>(token, &key.key, &validation)
             .map_err(failure)?
             .claims;
-        verified(token, &self.issuer, &self.claims, &claims)
+        verified(digest, &self.issuer, &self.claims, &claims)
     }
 }
 
@@ -443,12 +495,12 @@ fn failure(e: jsonwebtoken::errors::Error) -> AuthFailure {
 }
 
 /// The holder's identity from verified claims.
-fn verified<'a>(
-    token: &str,
-    issuer_key: &'a str,
+fn verified(
+    digest: &[u8; 32],
+    issuer_key: &str,
     names: &ClaimNames,
     claims: &Claims,
-) -> Result<Verified<'a>, AuthFailure> {
+) -> Result<Verified, AuthFailure> {
     let subject = match claims.get(&names.subject) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
@@ -478,13 +530,12 @@ fn verified<'a>(
         .iter()
         .any(|r| names.admin_roles.iter().any(|a| a == r));
     Ok(Verified {
-        issuer_key,
-        subject,
+        identity: (issuer_key.to_string(), subject),
         username,
         admin,
         issued_ms: (iat * 1000.0) as i64,
         expires_at: DateTime::from_timestamp(exp as i64, 0).unwrap_or_else(Utc::now),
-        token_id: token_id(issuer_key, token),
+        token_id: token_id(digest),
     })
 }
 
@@ -505,14 +556,9 @@ fn role_values(claims: &Claims, path: &str) -> Vec<String> {
     }
 }
 
-/// A stable id for one external token, so that it can be revoked alone.
-fn token_id(issuer_key: &str, token: &str) -> Uuid {
-    let mut h = Sha256::new();
-    h.update(b"external-token\0");
-    h.update(issuer_key.as_bytes());
-    h.update(b"\0");
-    h.update(token.as_bytes());
-    let digest = h.finalize();
+/// A stable id for one external token (from its SHA-256), so that it can be
+/// revoked alone.
+fn token_id(digest: &[u8; 32]) -> Uuid {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_random_bytes(bytes).into_uuid()
@@ -566,6 +612,80 @@ fn peek_issuer(token: &str) -> Option<Option<String>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// An External with both issuers and a pool that never connects.
+    fn external() -> External {
+        use crate::config::{LoginServiceConfig, OidcConfig};
+        let names = ClaimNames {
+            subject: "sub".into(),
+            username: "username".into(),
+            role: "role".into(),
+            admin_roles: vec!["admin".into()],
+        };
+        let cfg = ExternalAuthConfig {
+            login_service: Some(LoginServiceConfig {
+                secret: b"0123456789abcdef".to_vec(),
+                algorithm: Algorithm::HS256,
+                issuer: None,
+                audience: None,
+                claims: names.clone(),
+            }),
+            oidc: Some(OidcConfig {
+                issuer: "https://idp.example".into(),
+                audiences: vec!["app".into()],
+                jwks_url: Some("http://127.0.0.1:1/jwks".into()),
+                algorithms: vec![Algorithm::RS256],
+                claims: names,
+                jwks_refresh: std::time::Duration::from_secs(300),
+                jwks_min_refresh: std::time::Duration::from_secs(10),
+                jwks_wait: std::time::Duration::ZERO,
+            }),
+            auth_url: None,
+        };
+        let pg: tokio_postgres::Config =
+            "postgresql://nobody@127.0.0.1:1/none".parse().expect("url");
+        let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
+        let db = deadpool_postgres::Pool::builder(manager)
+            .max_size(1)
+            .build()
+            .expect("pool");
+        External::new(&cfg, db).expect("configured")
+    }
+
+    fn remembered(ext: &External, token: &str, expires_in: i64, keys: Option<u64>) {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let v = Verified {
+            identity: ("iss".into(), "sub".into()),
+            username: "u".into(),
+            admin: false,
+            issued_ms: 0,
+            expires_at: Utc::now() + chrono::Duration::seconds(expires_in),
+            token_id: token_id(&digest),
+        };
+        ext.remember(digest, Arc::new(v), keys);
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_still_expires() {
+        let ext = external();
+        remembered(&ext, "a.b.c", -(LEEWAY_SECONDS as i64) - 5, None);
+        let outcome = ext.authenticate("a.b.c", &SnapshotStore::new()).await;
+        assert!(matches!(outcome, Some(Err(AuthFailure::Expired))));
+    }
+
+    #[test]
+    fn a_remembered_oidc_token_needs_the_same_key_set() {
+        let ext = external();
+        let current = ext.oidc.as_ref().expect("oidc").jwks.version();
+        remembered(&ext, "same.key.set", 600, Some(current));
+        remembered(&ext, "other.key.set", 600, Some(current + 1));
+        remembered(&ext, "login.service.token", 600, None);
+        let digest = |t: &str| -> [u8; 32] { Sha256::digest(t.as_bytes()).into() };
+        assert!(ext.recall(&digest("same.key.set")).is_some());
+        assert!(ext.recall(&digest("other.key.set")).is_none());
+        assert!(ext.recall(&digest("login.service.token")).is_some());
+        assert!(ext.recall(&digest("never.seen.token")).is_none());
+    }
 
     #[test]
     fn roles_come_from_a_name_or_a_path() {

@@ -9,6 +9,7 @@
 //! verifying tokens after the next refresh (periodic or on an unknown `kid`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,8 @@ pub struct Jwks {
     jwks_url: Mutex<Option<String>>,
     allowed: Vec<Algorithm>,
     keys: ArcSwap<KeySet>,
+    /// Bumped whenever the key set is replaced.
+    version: AtomicU64,
     /// Counts finished refreshes (successful or not): waiters watch it.
     finished: watch::Sender<u64>,
     wake: Notify,
@@ -76,6 +79,7 @@ impl Jwks {
             jwks_url: Mutex::new(cfg.jwks_url.clone()),
             allowed: cfg.algorithms.clone(),
             keys: ArcSwap::from_pointee(KeySet::default()),
+            version: AtomicU64::new(0),
             finished: watch::channel(0).0,
             wake: Notify::new(),
             state: Mutex::new(RefreshState {
@@ -89,6 +93,12 @@ impl Jwks {
             wait: cfg.jwks_wait,
             http,
         }
+    }
+
+    /// Changes whenever the key set is replaced: what was verified under an
+    /// older version must be verified again.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
     }
 
     /// The key for a token's `kid` and `alg`, from memory only.
@@ -199,6 +209,7 @@ impl Jwks {
         let set = parse_key_set(&body, &self.allowed)?;
         let n = set.by_kid.len() + set.without_kid.len();
         self.keys.store(Arc::new(set));
+        self.version.fetch_add(1, Ordering::SeqCst);
         Ok(n)
     }
 
