@@ -191,16 +191,17 @@ impl External {
         token: &str,
         snapshot: &SnapshotStore,
     ) -> Option<Result<Identity, AuthFailure>> {
+        // This proxy's own tokens pay only this peek (~1 µs) for the detour.
+        let issuer = peek_issuer(token)?;
+        if issuer.as_deref() == Some(super::ISSUER) {
+            return None;
+        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(v) = self.recall(&digest) {
             if v.expires_at.timestamp() < Utc::now().timestamp() - LEEWAY_SECONDS as i64 {
                 return Some(Err(AuthFailure::Expired));
             }
             return Some(self.identity(&v, snapshot).await);
-        }
-        let issuer = peek_issuer(token)?;
-        if issuer.as_deref() == Some(super::ISSUER) {
-            return None;
         }
         let (verified, keys_version) = if let Some(o) = self
             .oidc
@@ -668,8 +669,10 @@ mod tests {
     #[tokio::test]
     async fn a_remembered_token_still_expires() {
         let ext = external();
-        remembered(&ext, "a.b.c", -(LEEWAY_SECONDS as i64) - 5, None);
-        let outcome = ext.authenticate("a.b.c", &SnapshotStore::new()).await;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!("{}.{}.sig", b64("{}"), b64(r#"{"iss":"someone"}"#));
+        remembered(&ext, &token, -(LEEWAY_SECONDS as i64) - 5, None);
+        let outcome = ext.authenticate(&token, &SnapshotStore::new()).await;
         assert!(matches!(outcome, Some(Err(AuthFailure::Expired))));
     }
 
