@@ -1,6 +1,7 @@
 //! Who is calling: access JWTs issued by this proxy, API keys (`fpk_…`), refresh
 //! tokens with rotation, login with throttling. Checking a token reads only the
-//! in-memory snapshot.
+//! in-memory snapshot. Tokens of other issuers (the old login service, an OIDC
+//! provider) are checked in `external`.
 
 pub mod external;
 mod jwks;
