@@ -40,7 +40,8 @@ use crate::config::{ClaimNames, ExternalAuthConfig};
 use crate::errors::ApiError;
 use crate::store::{self, identity::UserRow, Db};
 
-/// The issuer recorded for login-service identities when the service sets no `iss`.
+/// The issuer recorded for login-service identities, whatever `iss` its tokens
+/// carry: setting `EXTERNAL_JWT_ISSUER` later must not turn its users into new ones.
 const LOGIN_SERVICE_ISSUER: &str = "external-login-service";
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECONDS: u64 = 30;
@@ -59,7 +60,6 @@ type Claims = Map<String, Value>;
 struct LoginService {
     key: DecodingKey,
     validation: Validation,
-    issuer_key: String,
     claims: ClaimNames,
 }
 
@@ -144,10 +144,6 @@ impl External {
             LoginService {
                 key: DecodingKey::from_secret(&c.secret),
                 validation,
-                issuer_key: c
-                    .issuer
-                    .clone()
-                    .unwrap_or_else(|| LOGIN_SERVICE_ISSUER.into()),
                 claims: c.claims.clone(),
             }
         });
@@ -457,7 +453,7 @@ impl LoginService {
         let claims = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(failure)?
             .claims;
-        verified(digest, &self.issuer_key, &self.claims, &claims)
+        verified(digest, LOGIN_SERVICE_ISSUER, &self.claims, &claims)
     }
 }
 
