@@ -1,7 +1,10 @@
 //! Who is calling: access JWTs issued by this proxy, API keys (`fpk_…`), refresh
 //! tokens with rotation, login with throttling. Checking a token reads only the
-//! in-memory snapshot.
+//! in-memory snapshot. Tokens of other issuers (the old login service, an OIDC
+//! provider) are checked in `external`.
 
+pub mod external;
+mod jwks;
 pub mod password;
 pub mod snapshot;
 pub mod throttle;
@@ -72,6 +75,8 @@ pub enum AuthFailure {
     UnknownUser,
     Inactive,
     BadApiKey,
+    /// A first-seen external user could not be provisioned (database down).
+    Unavailable,
 }
 
 impl AuthFailure {
@@ -85,6 +90,7 @@ impl AuthFailure {
             AuthFailure::UnknownUser => "unknown_user",
             AuthFailure::Inactive => "inactive",
             AuthFailure::BadApiKey => "bad_api_key",
+            AuthFailure::Unavailable => "unavailable",
         }
     }
 
@@ -92,6 +98,7 @@ impl AuthFailure {
         match self {
             AuthFailure::Missing => ApiError::unauthorized(),
             AuthFailure::Expired => ApiError::token_expired(),
+            AuthFailure::Unavailable => ApiError::busy(),
             _ => ApiError::invalid_token(),
         }
     }
@@ -112,10 +119,12 @@ pub struct Auth {
     access_lifetime: ChronoDuration,
     refresh_lifetime: ChronoDuration,
     pub throttle: throttle::LoginThrottle,
+    /// Tokens of other issuers (login service, OIDC), when configured.
+    external: Option<external::External>,
 }
 
 impl Auth {
-    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>) -> Auth {
+    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>, db: Db) -> Auth {
         let mut validation = Validation::new(cfg.jwt_algorithm);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
@@ -131,11 +140,20 @@ impl Auth {
                 cfg.refresh_token_lifetime.as_millis() as i64
             ),
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
+            external: external::External::new(&cfg.external, db),
         }
     }
 
-    /// Authenticates an `Authorization` header value against the snapshot.
-    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
+    /// Starts background work (fetching OIDC keys); needs a running runtime.
+    pub fn start_background(&self) {
+        if let Some(ext) = &self.external {
+            ext.start();
+        }
+    }
+
+    /// Authenticates an `Authorization` header value against the snapshot
+    /// (a first-seen external identity is provisioned in the database).
+    pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
         let header = header.ok_or(AuthFailure::Missing)?;
         let header = std::str::from_utf8(header).map_err(|_| AuthFailure::Malformed)?;
         let (scheme, token) = header
@@ -150,10 +168,14 @@ impl Auth {
             return Err(AuthFailure::Malformed);
         }
         if token.starts_with("fpk_") {
-            self.authenticate_api_key(token)
-        } else {
-            self.authenticate_jwt(token)
+            return self.authenticate_api_key(token);
         }
+        if let Some(ext) = &self.external {
+            if let Some(outcome) = ext.authenticate(token, &self.snapshot).await {
+                return outcome;
+            }
+        }
+        self.authenticate_jwt(token)
     }
 
     fn authenticate_api_key(&self, token: &str) -> Result<Identity, AuthFailure> {
@@ -271,13 +293,28 @@ impl Auth {
             return Err(ApiError::rate_limited(wait));
         }
         let found = store::identity::login_lookup(db, username).await?;
-        let hash = found.as_ref().map(|(_, h)| h.clone());
-        let pw = password.to_string();
-        let ok = password::verify_password_pooled(pw, hash)
-            .await
-            .ok_or_else(ApiError::busy)?;
+        let local_id = found.as_ref().map(|(u, _)| u.id);
+        let delegated = match &self.external {
+            Some(ext) => {
+                ext.login(db, &self.snapshot, username, password, local_id)
+                    .await?
+            }
+            None => external::Delegated::No,
+        };
+        let (ok, found) = match delegated {
+            external::Delegated::Accepted(user) => (true, Some(user)),
+            external::Delegated::Refused => (false, None),
+            external::Delegated::No => {
+                let hash = found.as_ref().map(|(_, h)| h.clone());
+                let pw = password.to_string();
+                let ok = password::verify_password_pooled(pw, hash)
+                    .await
+                    .ok_or_else(ApiError::busy)?;
+                (ok, found.map(|(u, _)| u))
+            }
+        };
         match found {
-            Some((user, _)) if ok && user.active => {
+            Some(user) if ok && user.active => {
                 self.throttle.succeeded(username);
                 crate::metrics::LOGINS.with_label_values(&["success"]).inc();
                 let role = Role::parse(&user.role).unwrap_or(Role::User);

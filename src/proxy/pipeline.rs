@@ -94,7 +94,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
             .headers
             .get("authorization")
             .map(|v| v.as_bytes());
-        match app.auth.authenticate(header) {
+        match app.auth.authenticate(header).await {
             Ok(id) => ctx.identity = Some(id),
             Err(f) => {
                 crate::metrics::AUTH_FAILURES
