@@ -42,3 +42,25 @@ if ! command -v cargo >/dev/null 2>&1; then
     fi
     exit 1
 fi
+
+# tests/openapi.rs validates /openapi.json with openapi-spec-validator (PyPI;
+# OpenAPI 3.0 and 3.1) and checks live answers against the document with its
+# jsonschema dependency. Installed in a private virtualenv, never system-wide.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTOOLS="$ROOT/.local/pytools"
+if ! "$PYTOOLS/bin/python" -c 'import openapi_spec_validator, jsonschema' >/dev/null 2>&1; then
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+            echo "dev-deps: python3 with venv is missing; install python3 and python3-venv and run again." >&2
+            exit 1
+        fi
+        echo "dev-deps: installing python3-venv (apt-get)..." >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+    fi
+    echo "dev-deps: installing openapi-spec-validator in .local/pytools (pip)..." >&2
+    rm -rf "$PYTOOLS"
+    python3 -m venv "$PYTOOLS"
+    "$PYTOOLS/bin/python" -m pip install -q --disable-pip-version-check 'openapi-spec-validator==0.9.*'
+fi
