@@ -76,8 +76,11 @@ pub(crate) struct UserPatch {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub(crate) struct CreditChange {
+    /// Positive grants, negative takes back; never zero.
     amount: i64,
+    /// Up to 500 characters, kept in the ledger.
     reason: String,
+    /// 1-200 characters: a change with a key already applied is not applied again.
     idempotency_key: String,
 }
 

@@ -60,6 +60,7 @@ pub async fn refresh(app: &App, call: &Call) -> ApiResult {
 #[derive(Deserialize, utoipa::ToSchema)]
 pub(crate) struct RevokeBody {
     refresh_token: Option<String>,
+    /// Revoke every token of the caller.
     #[serde(default)]
     all: bool,
 }

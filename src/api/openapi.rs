@@ -145,7 +145,7 @@ struct Spec {
     body: Body,
     ok: Answer,
     /// Error statuses besides those that follow from the access level and the
-    /// body (401/403, 400/413/422).
+    /// body (401/403, 400/408/413/422).
     errors: &'static [u16],
     query: &'static [Query],
 }
@@ -897,7 +897,7 @@ fn error_statuses(e: &Endpoint, spec: &Spec) -> Vec<u16> {
         Access::Admin => codes.extend([401, 403]),
     }
     if !matches!(spec.body, Body::None) {
-        codes.extend([400, 413, 422]);
+        codes.extend([400, 408, 413, 422]);
     }
     if matches!(spec.ok, Answer::Refused) {
         codes.push(403);
@@ -914,6 +914,7 @@ fn error_response(status: u16, e: &Endpoint) -> utoipa::openapi::Response {
         402 => "Not enough credits for this request (`insufficient_credits`).",
         403 => "Not allowed: the role, or a chatflow or conversation that is not the caller's (`forbidden`).",
         404 => "Unknown (`not_found`).",
+        408 => "The body was not received in time (`request_timeout`).",
         409 => "Conflicts with what exists (`conflict`).",
         413 => "The body is too large (`body_too_large`).",
         422 => "The body does not fit the schema (`validation_error`).",
@@ -1051,7 +1052,7 @@ mod schemas {
         pub detail: String,
         /// One of `invalid_json`, `invalid_request`, `unauthorized`, `invalid_token`,
         /// `token_expired`, `invalid_credentials`, `insufficient_credits`, `forbidden`,
-        /// `not_found`, `method_not_allowed`, `conflict`, `body_too_large`,
+        /// `not_found`, `method_not_allowed`, `request_timeout`, `conflict`, `body_too_large`,
         /// `validation_error`, `rate_limited`, `upstream_error`, `upstream_timeout`,
         /// `unavailable`, `ledger_unavailable`, `internal_error`.
         pub code: String,
