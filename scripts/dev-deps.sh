@@ -3,6 +3,8 @@
 #   - cmake: pingora-core -> libz-ng-sys runs cmake in its build script.
 #   - prometheus (prometheus + promtool): tests/prometheus.rs scrapes a running
 #     proxy with a real Prometheus and checks conf/alerts.yml with promtool.
+#   - openapi-spec-validator (PyPI, in a private virtualenv .local/pytools):
+#     tests/openapi.rs validates /openapi.json with it.
 #   - cargo: the Rust toolchain (not installed here; see https://rustup.rs).
 set -euo pipefail
 
@@ -43,11 +45,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
-# tests/openapi.rs validates /openapi.json with openapi-spec-validator (PyPI;
-# OpenAPI 3.0 and 3.1) and checks live answers against the document with its
-# jsonschema dependency. Installed in a private virtualenv, never system-wide.
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTOOLS="$ROOT/.local/pytools"
+# tests/openapi.rs validates /openapi.json with openapi-spec-validator (OpenAPI
+# 3.0 and 3.1) and checks live answers against it with its jsonschema
+# dependency: both in a private virtualenv, never in the system's Python.
+PYTOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.local/pytools"
 if ! "$PYTOOLS/bin/python" -c 'import openapi_spec_validator, jsonschema' >/dev/null 2>&1; then
     if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
         if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
@@ -56,7 +57,9 @@ if ! "$PYTOOLS/bin/python" -c 'import openapi_spec_validator, jsonschema' >/dev/
         fi
         echo "dev-deps: installing python3-venv (apt-get)..." >&2
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
+        if [ -z "${DEV_DEPS_APT_UPDATED:-}" ]; then
+            apt-get update -qq
+        fi
         apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
     fi
     echo "dev-deps: installing openapi-spec-validator in .local/pytools (pip)..." >&2

@@ -243,6 +243,36 @@ async fn real_answers_fit_the_documented_schemas() {
         None,
         None
     );
+    // Drop-in routes: Flowise's answers, the proxy's refusals.
+    check!(
+        POST,
+        format!("/api/v1/prediction/{FLOW}"),
+        "/api/v1/prediction/{chatflow_id}",
+        u(),
+        Some(json!({"question": "drop in"}))
+    );
+    check!(
+        GET,
+        format!("/api/v1/chatmessage/{FLOW}"),
+        "/api/v1/chatmessage/{chatflow_id}",
+        u(),
+        None
+    );
+    check!(
+        GET,
+        format!("/api/v1/chatflows/{UNKNOWN_CHATFLOW_ID}"),
+        "/api/v1/chatflows/{chatflow_id}",
+        u(),
+        None
+    );
+    check!(GET, "/api/v1/apikey", "/api/v1/apikey", a(), None);
+    check!(
+        GET,
+        "/api/v1/node-config",
+        "/api/v1/{flowise_path}",
+        u(),
+        None
+    );
     check!(GET, "/admin/users", "/admin/users", u(), None);
     check!(GET, "/admin/users", "/admin/users", a(), None);
     let new = json!({"username": "bob", "password": "long-enough-password"});

@@ -18,8 +18,8 @@ use utoipa::openapi::path::{
 use utoipa::openapi::request_body::RequestBodyBuilder;
 use utoipa::openapi::response::ResponseBuilder;
 use utoipa::openapi::schema::{
-    AdditionalProperties, ArrayBuilder, ComponentsBuilder, KnownFormat, ObjectBuilder,
-    OneOfBuilder, Schema, SchemaFormat, Type,
+    AdditionalProperties, AnyOfBuilder, ArrayBuilder, ComponentsBuilder, KnownFormat,
+    ObjectBuilder, Schema, SchemaFormat, Type,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::tag::TagBuilder;
@@ -682,7 +682,9 @@ pub fn document() -> Result<OpenApi, &'static str> {
              an audit ledger. Errors of the proxy's own routes are `{\"detail\", \"code\"}`; on \
              the drop-in routes (`/api/v1/...`), errors from Flowise keep Flowise's shape. \
              Authenticate with `Authorization: Bearer <token>`: an access token from \
-             `POST /chat/authenticate` or an API key (`fpk_…`).",
+             `POST /chat/authenticate` or an API key (`fpk_…`). Any request may also be \
+             refused before it is routed: 408 (head not received in time), 431 (head too \
+             large), 503 with `Retry-After` (too many open connections).",
         ))
         .build();
     let bearer = HttpBuilder::new()
@@ -919,14 +921,14 @@ fn error_response(status: u16, e: &Endpoint) -> utoipa::openapi::Response {
         413 => "The body is too large (`body_too_large`).",
         422 => "The body does not fit the schema (`validation_error`).",
         429 => "Too many attempts; see `Retry-After` (`rate_limited`).",
-        502 => "Flowise could not be reached (`upstream_error`).",
+        502 => "Flowise could not be reached (`upstream_error`), or refused FLOWISE_API_KEY (`flowise_key_rejected`).",
         503 => "The database or the ledger is unavailable, or the instance is not ready (`unavailable`, `ledger_unavailable`).",
         504 => "Flowise did not answer in time (`upstream_timeout`).",
         _ => "Error.",
     };
     let schema = if e.path.starts_with("/api/v1/") {
         // Refusals by the proxy are its own shape; Flowise's errors keep theirs.
-        OneOfBuilder::new()
+        AnyOfBuilder::new()
             .item(r("Error"))
             .item(r("FlowiseError"))
             .into()
@@ -1053,7 +1055,8 @@ mod schemas {
         /// One of `invalid_json`, `invalid_request`, `unauthorized`, `invalid_token`,
         /// `token_expired`, `invalid_credentials`, `insufficient_credits`, `forbidden`,
         /// `not_found`, `method_not_allowed`, `request_timeout`, `conflict`, `body_too_large`,
-        /// `validation_error`, `rate_limited`, `upstream_error`, `upstream_timeout`,
+        /// `header_too_large`, `validation_error`, `rate_limited`, `upstream_error`,
+        /// `flowise_key_rejected`, `upstream_timeout`,
         /// `unavailable`, `ledger_unavailable`, `internal_error`.
         pub code: String,
     }
@@ -1103,7 +1106,9 @@ mod schemas {
         pub status: String,
         /// `ok` or `unreachable`.
         pub database: String,
-        pub flowise: FlowiseCount,
+        /// `ok`, `unreachable`, or `key_rejected` (Flowise refuses FLOWISE_API_KEY).
+        pub flowise: String,
+        pub flowise_servers: FlowiseCount,
         pub draining: bool,
         pub version: String,
     }
