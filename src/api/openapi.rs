@@ -777,7 +777,9 @@ fn operation(e: &Endpoint, spec: &Spec) -> utoipa::openapi::path::Operation {
         );
     }
     let json_body = |schema: &str| ContentBuilder::new().schema(Some(r(schema))).build();
+    // A GET carries no body (the catch-all Flowise route takes one otherwise).
     let body = match spec.body {
+        _ if e.method == "GET" => None,
         Body::None => None,
         Body::Json(s) => Some(
             RequestBodyBuilder::new()
