@@ -3,6 +3,8 @@
 #   - cmake: pingora-core -> libz-ng-sys runs cmake in its build script.
 #   - prometheus (prometheus + promtool): tests/prometheus.rs scrapes a running
 #     proxy with a real Prometheus and checks conf/alerts.yml with promtool.
+#   - openapi-spec-validator (PyPI, in a private virtualenv .local/pytools):
+#     tests/openapi.rs validates /openapi.json with it.
 #   - cargo: the Rust toolchain (not installed here; see https://rustup.rs).
 set -euo pipefail
 
@@ -41,4 +43,27 @@ if ! command -v cargo >/dev/null 2>&1; then
         echo "dev-deps: cargo (the Rust toolchain) is missing; install it from https://rustup.rs (curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh)." >&2
     fi
     exit 1
+fi
+
+# tests/openapi.rs validates /openapi.json with openapi-spec-validator (OpenAPI
+# 3.0 and 3.1) and checks live answers against it with its jsonschema
+# dependency: both in a private virtualenv, never in the system's Python.
+PYTOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.local/pytools"
+if ! "$PYTOOLS/bin/python" -c 'import openapi_spec_validator, jsonschema' >/dev/null 2>&1; then
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+            echo "dev-deps: python3 with venv is missing; install python3 and python3-venv and run again." >&2
+            exit 1
+        fi
+        echo "dev-deps: installing python3-venv (apt-get)..." >&2
+        export DEBIAN_FRONTEND=noninteractive
+        if [ -z "${DEV_DEPS_APT_UPDATED:-}" ]; then
+            apt-get update -qq
+        fi
+        apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+    fi
+    echo "dev-deps: installing openapi-spec-validator in .local/pytools (pip)..." >&2
+    rm -rf "$PYTOOLS"
+    python3 -m venv "$PYTOOLS"
+    "$PYTOOLS/bin/python" -m pip install -q --disable-pip-version-check 'openapi-spec-validator==0.9.*'
 fi

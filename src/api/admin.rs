@@ -53,11 +53,12 @@ fn valid_role(r: &str) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize)]
-struct NewUser {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct NewUser {
     username: String,
     password: String,
     #[serde(default = "default_role")]
+    #[schema(default = "user")]
     role: String,
     email: Option<String>,
 }
@@ -65,28 +66,31 @@ fn default_role() -> String {
     "user".into()
 }
 
-#[derive(Deserialize)]
-struct UserPatch {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct UserPatch {
     role: Option<String>,
     active: Option<bool>,
     email: Option<String>,
     password: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct CreditChange {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct CreditChange {
+    /// Positive grants, negative takes back; never zero.
     amount: i64,
+    /// Up to 500 characters, kept in the ledger.
     reason: String,
+    /// 1-200 characters: a change with a key already applied is not applied again.
     idempotency_key: String,
 }
 
-#[derive(Deserialize, Default)]
-struct NewKey {
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+pub(crate) struct NewKey {
     name: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Pricing {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct Pricing {
     #[serde(default, with = "double_option")]
     credit_cost: Option<Option<i64>>,
     #[serde(default, with = "double_option")]
@@ -103,8 +107,8 @@ mod double_option {
     }
 }
 
-#[derive(Deserialize)]
-struct GrantBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct GrantBody {
     user_id: Option<i64>,
     username: Option<String>,
 }

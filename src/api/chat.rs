@@ -14,8 +14,8 @@ fn identity(call: &Call) -> Result<&Identity, ApiError> {
     call.identity.as_ref().ok_or_else(ApiError::unauthorized)
 }
 
-#[derive(Deserialize)]
-struct Login {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct Login {
     username: String,
     password: String,
 }
@@ -40,8 +40,8 @@ pub async fn authenticate(app: &App, call: &Call) -> ApiResult {
     })))
 }
 
-#[derive(Deserialize)]
-struct RefreshBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct RefreshBody {
     refresh_token: String,
 }
 
@@ -57,9 +57,10 @@ pub async fn refresh(app: &App, call: &Call) -> ApiResult {
     })))
 }
 
-#[derive(Deserialize)]
-struct RevokeBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct RevokeBody {
     refresh_token: Option<String>,
+    /// Revoke every token of the caller.
     #[serde(default)]
     all: bool,
 }

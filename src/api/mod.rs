@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod chat;
 pub mod drop_in;
+pub mod openapi;
 
 use bytes::Bytes;
 use pingora_http::RequestHeader;
@@ -62,6 +63,9 @@ pub async fn handle(app: &App, call: &Call) -> ApiResult {
         }))),
         Route::Health => health(app).await,
         Route::Info => Ok(Reply::ok(info(app))),
+        Route::OpenApi => openapi::openapi_reply(),
+        Route::Docs => openapi::docs_page(),
+        Route::DocsAsset(file) => openapi::docs_asset(&file),
         Route::Authenticate => chat::authenticate(app, call).await,
         Route::Refresh => chat::refresh(app, call).await,
         Route::Revoke => chat::revoke(app, call).await,
@@ -104,7 +108,7 @@ fn info(app: &App) -> Value {
             "streaming": true, "drop_in_flowise_api": true, "metrics": app.cfg.metrics_addr.is_some(),
             "cors": !app.cfg.cors_allowed_origins.is_empty(),
         },
-        "endpoints": Route::ENDPOINTS,
+        "endpoints": Route::ENDPOINTS.iter().map(|e| e.line()).collect::<Vec<_>>(),
     })
 }
 

@@ -2,7 +2,7 @@
 
 use super::{Db, StoreError, StoreResult};
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ChatflowRow {
     pub id: String,
     pub name: String,

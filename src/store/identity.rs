@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{Db, StoreError, StoreResult};
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct UserRow {
     pub id: i64,
     pub username: String,
