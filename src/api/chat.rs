@@ -169,7 +169,6 @@ pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
         return Err(ApiError::upstream_error());
     }
     store::sessions::delete(&app.db, id, who.user_id).await?;
-    app.sessions.forget(id);
     Ok(Reply::ok(json!({"deleted": true, "session_id": id})))
 }
 
