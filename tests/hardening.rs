@@ -190,3 +190,73 @@ async fn drop_in_messages_of_many_sessions_are_read_in_parallel() {
     );
     w.assert_books_balance().await;
 }
+
+// ---- 6. Login throttling holds under concurrency and across instances ----
+
+/// `POST /chat/authenticate` on `base`: the status.
+async fn login_status(http: &reqwest::Client, base: &str, user: &str, password: &str) -> u16 {
+    http.post(format!("{base}/chat/authenticate"))
+        .json(&json!({"username": user, "password": password}))
+        .send()
+        .await
+        .expect("authenticate")
+        .status()
+        .as_u16()
+}
+
+/// Sends every (instance, password) guess at once; the statuses.
+async fn guess_at_once(http: &reqwest::Client, user: &str, guesses: &[(&str, String)]) -> Vec<u16> {
+    futures::future::join_all(
+        guesses
+            .iter()
+            .map(|(base, pw)| login_status(http, base, user, pw)),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_concurrent_guesses_get_no_more_than_the_limit_checked() {
+    let w = World::start_with(|o| o.env("LOGIN_ATTEMPTS_PER_MINUTE", "10")).await;
+    w.add_user("vic", "user", 0);
+    let base = w.proxy.base_url.as_str();
+    let guesses: Vec<(&str, String)> = (0..60).map(|i| (base, format!("guess-{i}"))).collect();
+    let statuses = guess_at_once(&w.http, "vic", &guesses).await;
+    let checked = statuses.iter().filter(|s| **s != 429).count();
+    assert!(
+        statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        (1..=10).contains(&checked),
+        "{checked} of 60 concurrent guesses were checked: {statuses:?}"
+    );
+    let right = support::setup::password_of("vic");
+    assert_eq!(login_status(&w.http, base, "vic", &right).await, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_login_budget() {
+    let w = World::start_with(|o| o.env("LOGIN_ATTEMPTS_PER_MINUTE", "10")).await;
+    let second = w
+        .second_instance(|o| o.env("LOGIN_ATTEMPTS_PER_MINUTE", "10"))
+        .await;
+    w.add_user("wes", "user", 0);
+    let (one, two) = (w.proxy.base_url.as_str(), second.base_url.as_str());
+    let guesses: Vec<(&str, String)> = (0..20)
+        .map(|i| (if i % 2 == 0 { one } else { two }, format!("guess-{i}")))
+        .collect();
+    let statuses = guess_at_once(&w.http, "wes", &guesses).await;
+    let checked = statuses.iter().filter(|s| **s != 429).count();
+    assert!(
+        checked <= 10,
+        "{checked} of 20 guesses over two instances were checked: {statuses:?}"
+    );
+    let right = support::setup::password_of("wes");
+    for base in [one, two] {
+        assert_eq!(
+            login_status(&w.http, base, "wes", &right).await,
+            429,
+            "the right password after the limit, on {base}"
+        );
+    }
+}

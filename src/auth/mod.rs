@@ -264,11 +264,14 @@ impl Auth {
         password: &str,
         client_ip: &str,
     ) -> Result<(TokenPair, store::identity::UserRow), ApiError> {
-        if let Some(wait) = self.throttle.check(username, client_ip) {
-            crate::metrics::LOGINS
-                .with_label_values(&["throttled"])
-                .inc();
-            return Err(ApiError::rate_limited(wait));
+        // Counted before the password is checked (see `throttle`).
+        if let Err(e) = self.throttle.admit(db, username, client_ip).await {
+            if e.status == 429 {
+                crate::metrics::LOGINS
+                    .with_label_values(&["throttled"])
+                    .inc();
+            }
+            return Err(e);
         }
         let found = store::identity::login_lookup(db, username).await?;
         let hash = found.as_ref().map(|(_, h)| h.clone());
@@ -278,14 +281,13 @@ impl Auth {
             .ok_or_else(ApiError::busy)?;
         match found {
             Some((user, _)) if ok && user.active => {
-                self.throttle.succeeded(username);
+                self.throttle.succeeded(db, username, client_ip).await;
                 crate::metrics::LOGINS.with_label_values(&["success"]).inc();
                 let role = Role::parse(&user.role).unwrap_or(Role::User);
                 let pair = self.issue_pair(db, user.id, role, Uuid::new_v4()).await?;
                 Ok((pair, user))
             }
             _ => {
-                self.throttle.failed(username, client_ip);
                 crate::metrics::LOGINS.with_label_values(&["failure"]).inc();
                 crate::metrics::AUTH_FAILURES
                     .with_label_values(&["invalid_credentials"])

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod identity;
 pub mod ledger;
+pub mod login_attempts;
 pub mod sessions;
 
 use std::time::Duration;
