@@ -260,3 +260,57 @@ async fn two_instances_share_one_login_budget() {
         );
     }
 }
+
+// ---- 7. A new key, user or grant works on its first request anywhere ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_users_and_grants_work_at_once_on_another_instance() {
+    let w = World::start().await;
+    let second = w.second_instance(|o| o).await;
+    let two = second.base_url.as_str();
+    w.add_user("root", "admin", 0);
+    let admin = w.login("root").await;
+    let (uid, _) = w.user_with("kim", 5, FLOW).await;
+    let flow_path = format!("/chatflows/{FLOW}");
+    for i in 0..12 {
+        let v = w
+            .post_json(
+                &format!("/admin/users/{uid}/api-keys"),
+                &admin,
+                &json!({"name": format!("admin-{i}")}),
+            )
+            .await;
+        let key = v["api_key"].as_str().expect("api_key").to_string();
+        let (s, _) = call(&w.http, two, Method::GET, &flow_path, &key, None).await;
+        assert_eq!(s, 200, "a key from the admin API, try {i}");
+
+        let out = support::setup::cli(&w.db.url, &["apikey", "create", "kim"], None);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let key = text.split_whitespace().last().expect("key").to_string();
+        let (s, _) = call(&w.http, two, Method::GET, &flow_path, &key, None).await;
+        assert_eq!(s, 200, "a key from the CLI, try {i}");
+    }
+    // A user made with the CLI, logged in on one, then granted with the CLI.
+    w.add_user("lou", "user", 3);
+    let token = w.login("lou").await;
+    let (s, _) = call(&w.http, two, Method::GET, "/chat/credits", &token, None).await;
+    assert_eq!(s, 200, "a new user's token on instance two");
+    let out = support::setup::cli(&w.db.url, &["grant", "lou", FLOW], None);
+    assert!(out.status.success());
+    let (s, _) = call(&w.http, two, Method::GET, &flow_path, &token, None).await;
+    assert_eq!(s, 200, "a new grant on instance two");
+    // Unknown keys are still refused (and looked up once, then cached).
+    for _ in 0..3 {
+        let (s, _) = call(
+            &w.http,
+            two,
+            Method::GET,
+            &flow_path,
+            "fpk_0123456789ab_nope",
+            None,
+        )
+        .await;
+        assert_eq!(s, 401);
+    }
+}

@@ -60,7 +60,7 @@ pub async fn check(
                 .ok_or_else(|| ApiError::validation("chatflowId is required"))?;
             let chat = query_param(ctx, "chatId")
                 .ok_or_else(|| ApiError::validation("chatId is required"))?;
-            pipeline_check_chatflow(app, ctx, &chatflow)?;
+            pipeline_check_chatflow(app, ctx, &chatflow).await?;
             let owned = app.sessions.owned(&app.db, &chat, who.user_id).await?;
             if owned.as_deref() != Some(chatflow.as_str()) {
                 return Err(ApiError::forbidden());

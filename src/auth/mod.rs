@@ -1,7 +1,9 @@
 //! Who is calling: access JWTs issued by this proxy, API keys (`fpk_…`), refresh
-//! tokens with rotation, login with throttling. Checking a token reads only the
-//! in-memory snapshot.
+//! tokens with rotation, login with throttling. Checking a token reads the
+//! in-memory snapshot, and the database only for what the snapshot does not
+//! know yet (see `lookup`).
 
+pub mod lookup;
 pub mod password;
 pub mod snapshot;
 pub mod throttle;
@@ -112,6 +114,7 @@ pub struct Auth {
     access_lifetime: ChronoDuration,
     refresh_lifetime: ChronoDuration,
     pub throttle: throttle::LoginThrottle,
+    lookups: lookup::Lookups,
 }
 
 impl Auth {
@@ -131,11 +134,17 @@ impl Auth {
                 cfg.refresh_token_lifetime.as_millis() as i64
             ),
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
+            lookups: lookup::Lookups::new(),
         }
     }
 
-    /// Authenticates an `Authorization` header value against the snapshot.
-    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
+    /// Authenticates an `Authorization` header value against the snapshot
+    /// (and the database for a key or user the snapshot does not know yet).
+    pub async fn authenticate(
+        &self,
+        db: &Db,
+        header: Option<&[u8]>,
+    ) -> Result<Identity, AuthFailure> {
         let header = header.ok_or(AuthFailure::Missing)?;
         let header = std::str::from_utf8(header).map_err(|_| AuthFailure::Malformed)?;
         let (scheme, token) = header
@@ -150,23 +159,50 @@ impl Auth {
             return Err(AuthFailure::Malformed);
         }
         if token.starts_with("fpk_") {
-            self.authenticate_api_key(token)
+            self.authenticate_api_key(db, token).await
         } else {
-            self.authenticate_jwt(token)
+            self.authenticate_jwt(db, token).await
         }
     }
 
-    fn authenticate_api_key(&self, token: &str) -> Result<Identity, AuthFailure> {
+    /// A user by id: from the snapshot, else from the database.
+    async fn user(&self, db: &Db, id: i64) -> Option<snapshot::UserEntry> {
+        let known = self.snapshot.get().users.get(&id).cloned();
+        match known {
+            Some(u) => Some(u),
+            None => self.lookups.user(db, &self.snapshot, id).await,
+        }
+    }
+
+    async fn authenticate_api_key(&self, db: &Db, token: &str) -> Result<Identity, AuthFailure> {
         let (prefix, secret) = password::parse_api_key(token).ok_or(AuthFailure::BadApiKey)?;
-        let snap = self.snapshot.get();
-        let key = snap.api_keys.get(prefix).ok_or(AuthFailure::BadApiKey)?;
+        let known = {
+            let snap = self.snapshot.get();
+            snap.api_keys
+                .get(prefix)
+                .map(|k| (k.clone(), snap.users.get(&k.user_id).cloned()))
+        };
+        let (key, user) = match known {
+            Some(found) => found,
+            None => {
+                let (key, user) = self
+                    .lookups
+                    .api_key(db, &self.snapshot, prefix)
+                    .await
+                    .ok_or(AuthFailure::BadApiKey)?;
+                (key, Some(user))
+            }
+        };
         if !password::ct_eq(&password::sha256(secret.as_bytes()), &key.secret_hash) {
             return Err(AuthFailure::BadApiKey);
         }
-        let user = snap
-            .users
-            .get(&key.user_id)
-            .ok_or(AuthFailure::UnknownUser)?;
+        let user = match user {
+            Some(u) => u,
+            None => self
+                .user(db, key.user_id)
+                .await
+                .ok_or(AuthFailure::UnknownUser)?,
+        };
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
@@ -177,7 +213,7 @@ impl Auth {
         })
     }
 
-    fn authenticate_jwt(&self, token: &str) -> Result<Identity, AuthFailure> {
+    async fn authenticate_jwt(&self, db: &Db, token: &str) -> Result<Identity, AuthFailure> {
         let data =
             decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
                 match e.kind() {
@@ -193,11 +229,17 @@ impl Auth {
             Some(f) => Some(Uuid::parse_str(f).map_err(|_| AuthFailure::Malformed)?),
             None => None,
         };
-        let snap = self.snapshot.get();
-        if snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f)) {
+        let revoked = {
+            let snap = self.snapshot.get();
+            snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f))
+        };
+        if revoked {
             return Err(AuthFailure::Revoked);
         }
-        let user = snap.users.get(&user_id).ok_or(AuthFailure::UnknownUser)?;
+        let user = self
+            .user(db, user_id)
+            .await
+            .ok_or(AuthFailure::UnknownUser)?;
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
@@ -297,6 +339,36 @@ impl Auth {
         }
     }
 
+    /// Whether the caller may use `chatflow_id`: unknown 404, not granted 403.
+    /// From the snapshot, else (a chatflow or grant added a moment ago) from
+    /// the database.
+    pub async fn check_chatflow(
+        &self,
+        db: &Db,
+        who: &Identity,
+        chatflow_id: &str,
+    ) -> Result<(), ApiError> {
+        if who.is_admin() {
+            return Ok(());
+        }
+        let granted = {
+            let snap = self.snapshot.get();
+            snap.chatflow(chatflow_id).is_some() && snap.is_granted(who.user_id, chatflow_id)
+        };
+        if granted {
+            return Ok(());
+        }
+        match self
+            .lookups
+            .chatflow(db, &self.snapshot, who.user_id, chatflow_id)
+            .await
+        {
+            lookup::ChatflowAccess::Granted => Ok(()),
+            lookup::ChatflowAccess::NotGranted => Err(ApiError::forbidden()),
+            lookup::ChatflowAccess::Unknown => Err(ApiError::not_found()),
+        }
+    }
+
     /// Exchanges a refresh token for a new pair (rotation with reuse detection).
     pub async fn refresh(
         &self,
@@ -309,12 +381,10 @@ impl Auth {
         let hash = password::sha256(refresh_token.as_bytes());
         match store::identity::rotate_refresh_token(db, &hash).await? {
             RefreshOutcome::Rotated { user_id, family } => {
-                let snap = self.snapshot.get();
-                let user = match snap.users.get(&user_id) {
-                    Some(u) if u.active => u.clone(),
+                let user = match self.user(db, user_id).await {
+                    Some(u) if u.active => u,
                     _ => return Err(ApiError::invalid_token()),
                 };
-                drop(snap);
                 let pair = self.issue_pair(db, user_id, user.role, family).await?;
                 Ok((pair, user_id, user.role))
             }

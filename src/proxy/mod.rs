@@ -138,10 +138,10 @@ pub fn route_urlencode(s: &str) -> String {
 }
 
 /// The grant check, for handlers outside the pipeline.
-pub fn pipeline_check_chatflow(
+pub async fn pipeline_check_chatflow(
     app: &App,
     ctx: &Ctx,
     chatflow_id: &str,
 ) -> std::result::Result<(), crate::errors::ApiError> {
-    pipeline::check_chatflow_access(app, ctx, chatflow_id)
+    pipeline::check_chatflow_access(app, ctx, chatflow_id).await
 }

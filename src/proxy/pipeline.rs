@@ -90,7 +90,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
             .headers
             .get("authorization")
             .map(|v| v.as_bytes());
-        match app.auth.authenticate(header) {
+        match app.auth.authenticate(&app.db, header).await {
             Ok(id) => ctx.identity = Some(id),
             Err(f) => {
                 crate::metrics::AUTH_FAILURES
@@ -109,7 +109,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
     }
 
     if let Some(cf) = ctx.route.chatflow().map(str::to_string) {
-        check_chatflow_access(app, ctx, &cf)?;
+        check_chatflow_access(app, ctx, &cf).await?;
         ctx.chatflow_id = Some(cf);
     }
 
@@ -140,22 +140,16 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
     Ok(Next::Proxy)
 }
 
-/// Grant check from the snapshot: unknown chatflow 404, not granted 403.
-pub fn check_chatflow_access(app: &App, ctx: &Ctx, chatflow_id: &str) -> Result<(), ApiError> {
+/// Grant check: unknown chatflow 404, not granted 403 (see `Auth::check_chatflow`).
+pub async fn check_chatflow_access(
+    app: &App,
+    ctx: &Ctx,
+    chatflow_id: &str,
+) -> Result<(), ApiError> {
     let Some(who) = &ctx.identity else {
         return Ok(()); // open routes (chatflows-streaming) carry no grant
     };
-    if who.is_admin() {
-        return Ok(());
-    }
-    let snap = app.auth.snapshot.get();
-    if snap.chatflow(chatflow_id).is_none() {
-        return Err(ApiError::not_found());
-    }
-    if !snap.is_granted(who.user_id, chatflow_id) {
-        return Err(ApiError::forbidden());
-    }
-    Ok(())
+    app.auth.check_chatflow(&app.db, who, chatflow_id).await
 }
 
 fn has_body(session: &Session) -> bool {

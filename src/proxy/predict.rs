@@ -31,7 +31,7 @@ pub async fn run(session: &mut Session, app: &App, ctx: &mut Ctx) -> Result<(), 
         }
     };
     if ctx.chatflow_id.is_none() {
-        pipeline::check_chatflow_access(app, ctx, &chatflow_id)?;
+        pipeline::check_chatflow_access(app, ctx, &chatflow_id).await?;
         ctx.chatflow_id = Some(chatflow_id.clone());
     }
 

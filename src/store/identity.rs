@@ -415,3 +415,50 @@ pub async fn prune_revoked(db: &Db) -> StoreResult<u64> {
     )
     .await?)
 }
+
+/// An active API key and its user, by the key's prefix (a snapshot miss):
+/// (user id, secret hash, role, active, tokens valid after).
+pub async fn api_key_by_prefix(
+    db: &Db,
+    prefix: &str,
+) -> StoreResult<Option<(i64, Vec<u8>, String, bool, DateTime<Utc>)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT k.user_id, k.secret_hash, u.role, u.active, u.tokens_valid_after
+             FROM api_keys k JOIN users u ON u.id = k.user_id
+             WHERE k.prefix = $1 AND k.revoked_at IS NULL",
+        )
+        .await?;
+    let r = c.query_opt(&stmt, &[&prefix]).await?;
+    Ok(r.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
+}
+
+/// A user as the snapshot holds it (a snapshot miss): (role, active, tokens valid after).
+pub async fn user_entry(db: &Db, id: i64) -> StoreResult<Option<(String, bool, DateTime<Utc>)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached("SELECT role, active, tokens_valid_after FROM users WHERE id = $1")
+        .await?;
+    let r = c.query_opt(&stmt, &[&id]).await?;
+    Ok(r.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// A chatflow for one user (a snapshot miss): `None` when the chatflow is
+/// unknown, else (deleted, granted to the user).
+pub async fn chatflow_grant(
+    db: &Db,
+    user_id: i64,
+    chatflow_id: &str,
+) -> StoreResult<Option<(bool, bool)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT c.deleted,
+                    EXISTS (SELECT 1 FROM grants g WHERE g.user_id = $1 AND g.chatflow_id = c.id)
+             FROM chatflows c WHERE c.id = $2",
+        )
+        .await?;
+    let r = c.query_opt(&stmt, &[&user_id, &chatflow_id]).await?;
+    Ok(r.map(|r| (r.get(0), r.get(1))))
+}
