@@ -314,3 +314,136 @@ async fn new_keys_users_and_grants_work_at_once_on_another_instance() {
         assert_eq!(s, 401);
     }
 }
+
+// ---- 8. Token times, revoke-all, and a user's own keys ----
+
+fn forge(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode")
+}
+
+/// Claims as the proxy writes them, issued `ahead_ms` in the future.
+fn claims_ahead(user_id: i64, ahead_ms: i64) -> Value {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let iat_ms = now_ms + ahead_ms;
+    json!({"sub": user_id.to_string(), "role": "user", "jti": uuid::Uuid::new_v4().to_string(),
+           "iat": iat_ms.div_euclid(1000), "iat_ms": iat_ms, "exp": now_ms / 1000 + 3600,
+           "iss": "flowise-proxy"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_the_future_are_refused_and_revoke_all_wins_over_them() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("mia", 5, FLOW).await;
+    let secret = w.proxy.jwt_secret.clone();
+    let now = chrono::Utc::now().timestamp();
+    let mut future_iat = claims_ahead(uid, 0);
+    future_iat["iat"] = json!(now + 600);
+    future_iat.as_object_mut().expect("object").remove("iat_ms");
+    let mut future_nbf = claims_ahead(uid, 0);
+    future_nbf["nbf"] = json!(now + 600);
+    let mut moved_iat_ms = claims_ahead(uid, 0);
+    moved_iat_ms["iat_ms"] = json!((now + 86_400) * 1000);
+    for (name, claims) in [
+        ("iat in ten minutes", future_iat),
+        ("nbf in ten minutes", future_nbf),
+        ("iat_ms a day ahead of iat", moved_iat_ms),
+        ("both a day ahead", claims_ahead(uid, 86_400_000)),
+    ] {
+        let r = w.get("/chat/credits", &forge(&secret, &claims)).await;
+        assert_eq!(r.status(), 401, "{name}");
+    }
+    // Within the clock leeway (30 s) a token is accepted...
+    let ahead = forge(&secret, &claims_ahead(uid, 20_000));
+    assert_eq!(w.get("/chat/credits", &ahead).await.status(), 200);
+    // ...until "revoke all", which wins over any issue time it claims.
+    let r = w.post("/chat/revoke", &token, &json!({"all": true})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        w.get("/chat/credits", &ahead).await.status(),
+        401,
+        "a token issued 20 s ahead survived revoke-all"
+    );
+    assert_eq!(w.get("/chat/credits", &token).await.status(), 401);
+    // A new login right after works at once, here and after a refresh.
+    let fresh = w.login("mia").await;
+    assert_eq!(w.get("/chat/credits", &fresh).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_revoke_their_own_api_keys() {
+    let w = World::start().await;
+    let (_, old_login) = w.user_with("ned", 5, FLOW).await;
+    let (_, other) = w.user_with("ora", 5, FLOW).await;
+    let new_key = |user: &str| {
+        let out = support::setup::cli(&w.db.url, &["apikey", "create", user], None);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace().last().expect("key").to_string()
+    };
+    let (k1, k2, k3) = (new_key("ned"), new_key("ned"), new_key("ned"));
+    let ora_key = new_key("ora");
+    // Revoking "all" with an API key revokes that key.
+    let r = w.post("/chat/revoke", &k1, &json!({"all": true})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        w.get("/chat/credits", &k1).await.status(),
+        401,
+        "key still works"
+    );
+    // "All" also ended every login of the user (not other users' keys).
+    assert_eq!(w.get("/chat/credits", &old_login).await.status(), 401);
+    assert_eq!(w.get("/chat/credits", &ora_key).await.status(), 200);
+    let token = w.login("ned").await;
+    // A bare revoke with a key revokes that key too.
+    assert_eq!(w.post("/chat/revoke", &k2, &json!({})).await.status(), 200);
+    assert_eq!(w.get("/chat/credits", &k2).await.status(), 401);
+    // The remaining key is listed (without its secret) and can be revoked.
+    let (s, list) = call(
+        &w.http,
+        &w.proxy.base_url,
+        Method::GET,
+        "/chat/api-keys",
+        &k3,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{list}");
+    let keys = list.as_array().expect("a list of keys");
+    assert_eq!(keys.len(), 1, "{list}");
+    assert!(k3.contains(keys[0]["prefix"].as_str().expect("prefix")));
+    assert!(!list
+        .to_string()
+        .contains(k3.rsplit('_').next().expect("secret")));
+    let id = keys[0]["id"].as_i64().expect("id");
+    let (s, _) = call(
+        &w.http,
+        &w.proxy.base_url,
+        Method::DELETE,
+        &format!("/chat/api-keys/{id}"),
+        &other,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404, "someone else's key");
+    assert_eq!(w.get("/chat/credits", &k3).await.status(), 200);
+    assert_eq!(w.get("/chat/credits", &ora_key).await.status(), 200);
+    let r = w.delete(&format!("/chat/api-keys/{id}"), &token).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(w.get("/chat/credits", &k3).await.status(), 401);
+    let (s, list) = call(
+        &w.http,
+        &w.proxy.base_url,
+        Method::GET,
+        "/chat/api-keys",
+        &token,
+        None,
+    )
+    .await;
+    assert_eq!((s, list), (200, json!([])));
+    assert_eq!(w.get("/chat/credits", &ora_key).await.status(), 200);
+}

@@ -81,6 +81,31 @@ pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
     Ok(Reply::ok(json!({"revoked": true})))
 }
 
+/// `GET /chat/api-keys`: the caller's active keys (never their secrets).
+pub async fn api_keys(app: &App, ctx: &Ctx) -> ApiResult {
+    let who = identity(ctx)?;
+    let keys = store::identity::list_own_api_keys(&app.db, who.user_id).await?;
+    Ok(Reply::ok(Value::Array(keys)))
+}
+
+/// `DELETE /chat/api-keys/{id}`: revokes one of the caller's own keys (404
+/// for anyone else's), in force here at once and elsewhere within a second.
+pub async fn api_key_revoke(app: &App, ctx: &Ctx, key_id: i64) -> ApiResult {
+    let who = identity(ctx)?;
+    store::identity::revoke_own_api_key(&app.db, who.user_id, key_id).await?;
+    store::identity::audit(
+        &app.db,
+        Some(who.user_id),
+        "apikey.revoke",
+        &format!("apikey:{key_id}"),
+        &json!({"user_id": who.user_id, "by": "owner"}),
+        &ctx.request_id,
+    )
+    .await?;
+    app.auth.snapshot.refresh_now().await;
+    Ok(Reply::ok(json!({"revoked": true, "id": key_id})))
+}
+
 pub async fn credits(app: &App, ctx: &Ctx) -> ApiResult {
     let who = identity(ctx)?;
     let (available, held) = store::ledger::balance(&app.db, who.user_id)

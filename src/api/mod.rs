@@ -54,6 +54,8 @@ pub async fn handle(app: &App, ctx: &mut Ctx) -> ApiResult {
         Route::Authenticate => chat::authenticate(app, ctx).await,
         Route::Refresh => chat::refresh(app, ctx).await,
         Route::Revoke => chat::revoke(app, ctx).await,
+        Route::ApiKeys => chat::api_keys(app, ctx).await,
+        Route::ApiKeyRevoke(id) => chat::api_key_revoke(app, ctx, id).await,
         Route::Credits => chat::credits(app, ctx).await,
         Route::Sessions => chat::sessions(app, ctx).await,
         Route::SessionHistory(id) => chat::session_history(app, ctx, &id).await,

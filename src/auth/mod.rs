@@ -24,6 +24,14 @@ pub use snapshot::{Role, SnapshotStore};
 
 const ISSUER: &str = "flowise-proxy";
 
+/// Clock leeway for a token's `iat` and `nbf`: a token that claims to be
+/// issued (or valid) more than this far in the future is refused. It covers
+/// clock differences between instances. "Revoke all" moves the user's cut-off
+/// this far ahead, and tokens issued in that time carry the cut-off as their
+/// issue time, so a revocation wins over every token that existed before it,
+/// whatever issue time it claims.
+pub const CLOCK_LEEWAY_SECS: i64 = 30;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -35,6 +43,9 @@ pub struct Claims {
     /// Issue time in milliseconds, so "revoke all" cuts precisely.
     #[serde(default)]
     pub iat_ms: i64,
+    /// Not valid before (never set by this proxy; honoured when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     /// The login (refresh-token family) this token belongs to: revoking the
     /// family, or reusing one of its rotated refresh tokens, revokes it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,7 +58,9 @@ pub enum Credential {
         jti: Uuid,
         expires_at: DateTime<Utc>,
     },
-    ApiKey,
+    ApiKey {
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +84,8 @@ pub enum AuthFailure {
     Expired,
     BadSignature,
     Revoked,
+    /// `iat` or `nbf` in the future (beyond the leeway).
+    NotYetValid,
     UnknownUser,
     Inactive,
     BadApiKey,
@@ -84,6 +99,7 @@ impl AuthFailure {
             AuthFailure::Expired => "expired",
             AuthFailure::BadSignature => "bad_signature",
             AuthFailure::Revoked => "revoked",
+            AuthFailure::NotYetValid => "not_yet_valid",
             AuthFailure::UnknownUser => "unknown_user",
             AuthFailure::Inactive => "inactive",
             AuthFailure::BadApiKey => "bad_api_key",
@@ -209,7 +225,9 @@ impl Auth {
         Ok(Identity {
             user_id: key.user_id,
             role: user.role,
-            credential: Credential::ApiKey,
+            credential: Credential::ApiKey {
+                prefix: prefix.to_string(),
+            },
         })
     }
 
@@ -223,6 +241,14 @@ impl Auth {
                 }
             })?;
         let c = data.claims;
+        let issued_ms = issue_time_ms(&c)?;
+        let latest_ms = Utc::now().timestamp_millis() + CLOCK_LEEWAY_SECS * 1000;
+        if issued_ms > latest_ms
+            || c.nbf
+                .is_some_and(|nbf| nbf.saturating_mul(1000) > latest_ms)
+        {
+            return Err(AuthFailure::NotYetValid);
+        }
         let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
         let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
         let family = match c.fam.as_deref() {
@@ -243,7 +269,6 @@ impl Auth {
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
-        let issued_ms = if c.iat_ms > 0 { c.iat_ms } else { c.iat * 1000 };
         if issued_ms < user.tokens_valid_after.timestamp_millis() {
             return Err(AuthFailure::Revoked);
         }
@@ -258,16 +283,26 @@ impl Auth {
         })
     }
 
-    fn issue_access(&self, user_id: i64, role: Role, family: Uuid) -> Result<String, ApiError> {
+    /// An access token. Its issue time is never before the user's cut-off
+    /// (`tokens_valid_after`), which "revoke all" sets slightly in the future.
+    fn issue_access(
+        &self,
+        user_id: i64,
+        role: Role,
+        family: Uuid,
+        valid_after: DateTime<Utc>,
+    ) -> Result<String, ApiError> {
         let now = Utc::now();
+        let issued = now.max(valid_after);
         let claims = Claims {
             sub: user_id.to_string(),
             role: role.as_str().into(),
             jti: Uuid::new_v4().to_string(),
-            iat: now.timestamp(),
+            iat: issued.timestamp(),
             exp: (now + self.access_lifetime).timestamp(),
             iss: ISSUER.into(),
-            iat_ms: now.timestamp_millis(),
+            iat_ms: issued.timestamp_millis(),
+            nbf: None,
             fam: Some(family.to_string()),
         };
         encode(&Header::new(self.algorithm), &claims, &self.encoding)
@@ -281,9 +316,8 @@ impl Auth {
         role: Role,
         family: Uuid,
     ) -> Result<TokenPair, ApiError> {
-        let access_token = self.issue_access(user_id, role, family)?;
         let refresh_token = password::random_token(32);
-        store::identity::insert_refresh_token(
+        let valid_after = store::identity::insert_refresh_token(
             db,
             user_id,
             &password::sha256(refresh_token.as_bytes()),
@@ -291,6 +325,7 @@ impl Auth {
             Utc::now() + self.refresh_lifetime,
         )
         .await?;
+        let access_token = self.issue_access(user_id, role, family, valid_after)?;
         Ok(TokenPair {
             access_token,
             refresh_token,
@@ -415,7 +450,11 @@ impl Auth {
         Ok(())
     }
 
-    /// Revokes the presented access token (and a refresh family, or everything).
+    /// Revokes the presented credential (an access token, or an API key), and
+    /// a refresh family or, with `all`, every login of the user: all refresh
+    /// tokens and every access token issued so far. API keys are separate
+    /// credentials: each is revoked by presenting it here or through
+    /// `DELETE /chat/api-keys/{id}`.
     pub async fn revoke(
         &self,
         db: &Db,
@@ -424,7 +463,7 @@ impl Auth {
         all: bool,
     ) -> Result<(), ApiError> {
         if all {
-            store::identity::revoke_all_for_user(db, who.user_id).await?;
+            store::identity::revoke_all_for_user(db, who.user_id, CLOCK_LEEWAY_SECS).await?;
         } else if let Some(rt) = refresh_token {
             let family = store::identity::revoke_refresh_family(
                 db,
@@ -436,10 +475,27 @@ impl Auth {
                 self.revoke_family_access(db, family).await?;
             }
         }
-        if let Credential::Jwt { jti, expires_at } = &who.credential {
-            store::identity::revoke_access_token(db, *jti, *expires_at).await?;
+        match &who.credential {
+            Credential::Jwt { jti, expires_at } => {
+                store::identity::revoke_access_token(db, *jti, *expires_at).await?;
+            }
+            Credential::ApiKey { prefix } => {
+                store::identity::revoke_api_key_by_prefix(db, who.user_id, prefix).await?;
+            }
         }
         self.snapshot.refresh_now().await;
         Ok(())
     }
+}
+
+/// The issue time a token claims, in milliseconds. `iat_ms` (ours) must agree
+/// with `iat`, so neither can be moved alone.
+fn issue_time_ms(c: &Claims) -> Result<i64, AuthFailure> {
+    if c.iat_ms == 0 {
+        return Ok(c.iat.saturating_mul(1000));
+    }
+    if c.iat_ms.div_euclid(1000) != c.iat {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(c.iat_ms)
 }

@@ -128,21 +128,24 @@ pub async fn update_user(
     Ok(user_row(&row))
 }
 
-/// Stores a new refresh token of `family`.
+/// Stores a new refresh token of `family`; returns the user's access-token
+/// cut-off (`tokens_valid_after`), read in the same statement.
 pub async fn insert_refresh_token(
     db: &Db,
     user_id: i64,
     token_hash: &[u8],
     family: Uuid,
     expires_at: DateTime<Utc>,
-) -> StoreResult<()> {
+) -> StoreResult<DateTime<Utc>> {
     let c = db.get().await?;
-    c.execute(
-        "INSERT INTO refresh_tokens (user_id, token_hash, family, expires_at) VALUES ($1, $2, $3, $4)",
-        &[&user_id, &token_hash, &family, &expires_at],
-    )
-    .await?;
-    Ok(())
+    let r = c
+        .query_one(
+            "INSERT INTO refresh_tokens (user_id, token_hash, family, expires_at) VALUES ($1, $2, $3, $4)
+             RETURNING (SELECT tokens_valid_after FROM users WHERE id = $1)",
+            &[&user_id, &token_hash, &family, &expires_at],
+        )
+        .await?;
+    Ok(r.get(0))
 }
 
 pub enum RefreshOutcome {
@@ -211,8 +214,10 @@ pub async fn revoke_refresh_family(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Revokes every refresh token of a user and every access token issued so far.
-pub async fn revoke_all_for_user(db: &Db, user_id: i64) -> StoreResult<()> {
+/// Revokes every refresh token of a user and every access token issued so far:
+/// the cut-off moves `leeway_secs` ahead, past any issue time a token of
+/// before now may claim (see `auth::CLOCK_LEEWAY_SECS`).
+pub async fn revoke_all_for_user(db: &Db, user_id: i64, leeway_secs: i64) -> StoreResult<()> {
     let mut c = db.get().await?;
     let tx = c.transaction().await?;
     tx.execute(
@@ -221,8 +226,10 @@ pub async fn revoke_all_for_user(db: &Db, user_id: i64) -> StoreResult<()> {
     )
     .await?;
     tx.execute(
-        "UPDATE users SET tokens_valid_after = now(), updated_at = now() WHERE id = $1",
-        &[&user_id],
+        "UPDATE users SET updated_at = now(),
+                tokens_valid_after = GREATEST(tokens_valid_after, now() + make_interval(secs => $2))
+         WHERE id = $1",
+        &[&user_id, &(leeway_secs as f64)],
     )
     .await?;
     tx.commit().await?;
@@ -461,4 +468,49 @@ pub async fn chatflow_grant(
         .await?;
     let r = c.query_opt(&stmt, &[&user_id, &chatflow_id]).await?;
     Ok(r.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Revokes the user's key with this prefix (a key revoking itself).
+pub async fn revoke_api_key_by_prefix(db: &Db, user_id: i64, prefix: &str) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.execute(
+        "UPDATE api_keys SET revoked_at = now()
+         WHERE prefix = $1 AND user_id = $2 AND revoked_at IS NULL",
+        &[&prefix, &user_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A user's active API keys (never their secrets).
+pub async fn list_own_api_keys(db: &Db, user_id: i64) -> StoreResult<Vec<Value>> {
+    let c = db.get().await?;
+    let rows = c
+        .query(
+            "SELECT id, prefix, name, created_at FROM api_keys
+             WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
+            &[&user_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let at: DateTime<Utc> = r.get(3);
+            serde_json::json!({"id": r.get::<_, i64>(0), "prefix": r.get::<_, String>(1),
+                               "name": r.get::<_, Option<String>>(2), "created_at": at})
+        })
+        .collect())
+}
+
+/// Revokes one of the user's own keys; `NotFound` when it is not theirs.
+pub async fn revoke_own_api_key(db: &Db, user_id: i64, key_id: i64) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.query_opt(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+         WHERE id = $1 AND user_id = $2 RETURNING id",
+        &[&key_id, &user_id],
+    )
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    Ok(())
 }
