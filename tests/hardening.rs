@@ -447,3 +447,151 @@ async fn users_revoke_their_own_api_keys() {
     assert_eq!((s, list), (200, json!([])));
     assert_eq!(w.get("/chat/credits", &ora_key).await.status(), 200);
 }
+
+// ---- 10. A client's mistake is a 422, never a 503 ----
+
+/// Σ `flowise_proxy_database_errors_total` on the proxy.
+async fn database_errors(w: &World) -> f64 {
+    let text = w
+        .http
+        .get(format!("{}/metrics", w.proxy.metrics_url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with("flowise_proxy_database_errors_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_and_overflowing_top_ups_are_the_clients_mistake() {
+    let w = World::start().await;
+    w.add_user("root", "admin", 0);
+    let admin = w.login("root").await;
+    let (uid, user) = w.user_with("pat", 5, FLOW).await;
+    let errors_before = database_errors(&w).await;
+    let nul = "a\u{0}b";
+    let credits = format!("/admin/users/{uid}/credits");
+    let cases: Vec<(Method, String, &str, Value)> = vec![
+        (
+            Method::POST,
+            "/admin/users".into(),
+            &admin,
+            json!({"username": "newbie", "password": "long-enough", "email": nul}),
+        ),
+        (
+            Method::PATCH,
+            format!("/admin/users/{uid}"),
+            &admin,
+            json!({"email": nul}),
+        ),
+        (
+            Method::POST,
+            credits.clone(),
+            &admin,
+            json!({"amount": 5, "reason": nul, "idempotency_key": "k1"}),
+        ),
+        (
+            Method::POST,
+            credits.clone(),
+            &admin,
+            json!({"amount": 5, "reason": "top-up", "idempotency_key": nul}),
+        ),
+        (
+            Method::POST,
+            format!("/admin/users/{uid}/api-keys"),
+            &admin,
+            json!({"name": nul}),
+        ),
+        (
+            Method::POST,
+            format!("/admin/chatflows/{FLOW}/users"),
+            &admin,
+            json!({"username": nul}),
+        ),
+        (
+            Method::DELETE,
+            format!("/admin/chatflows/{FLOW}/users"),
+            &admin,
+            json!({"username": nul}),
+        ),
+        (
+            Method::POST,
+            "/chat/predict".into(),
+            &user,
+            json!({"chatflow_id": format!("{FLOW}\u{0}"), "question": "hi"}),
+        ),
+        (
+            Method::POST,
+            "/chat/predict".into(),
+            &admin,
+            json!({"chatflow_id": format!("{FLOW}\u{0}"), "question": "hi"}),
+        ),
+    ];
+    for (method, path, token, body) in &cases {
+        let (s, v) = call(
+            &w.http,
+            &w.proxy.base_url,
+            method.clone(),
+            path,
+            token,
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 422, "{method} {path} {body}: {v}");
+        assert_eq!(v["code"], "validation_error", "{v}");
+        assert!(v["detail"].is_string(), "{v}");
+    }
+    // A top-up that would overflow the balance.
+    let big = json!({"amount": i64::MAX, "reason": "a lot", "idempotency_key": "big-1"});
+    let (s, v) = call(
+        &w.http,
+        &w.proxy.base_url,
+        Method::POST,
+        &credits,
+        &admin,
+        Some(&big),
+    )
+    .await;
+    assert_eq!((s, &v["code"]), (422, &json!("validation_error")), "{v}");
+    let out = support::setup::cli(
+        &w.db.url,
+        &[
+            "credits",
+            "grant",
+            "pat",
+            &i64::MAX.to_string(),
+            "--reason",
+            "a lot",
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert!(!stderr.contains("database unavailable"), "{stderr}");
+    assert!(stderr.contains("amount"), "{stderr}");
+    // A NUL in a login or a conversation id: the usual refusals.
+    let r = w
+        .http
+        .post(w.url("/chat/authenticate"))
+        .json(&json!({"username": nul, "password": "whatever-it-is"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    let r = w
+        .get(&format!("/api/v1/chatmessage/{FLOW}?chatId=a%00b"), &user)
+        .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        database_errors(&w).await,
+        errors_before,
+        "client mistakes counted as database errors"
+    );
+    assert_eq!(w.balance(uid).await, (5, 0));
+    w.assert_books_balance().await;
+}

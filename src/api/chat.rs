@@ -23,7 +23,11 @@ struct Login {
 
 pub async fn authenticate(app: &App, ctx: &Ctx) -> ApiResult {
     let body: Login = parse_body(ctx)?;
-    if body.username.is_empty() || body.username.len() > 64 || body.password.len() > 1024 {
+    if body.username.is_empty()
+        || body.username.len() > 64
+        || body.password.len() > 1024
+        || crate::validate::text("username", &body.username, 64).is_err()
+    {
         // Same answer as any other failure.
         return Err(ApiError::invalid_credentials());
     }

@@ -383,6 +383,7 @@ impl Auth {
         who: &Identity,
         chatflow_id: &str,
     ) -> Result<(), ApiError> {
+        crate::validate::chatflow_id(chatflow_id)?;
         if who.is_admin() {
             return Ok(());
         }
