@@ -6,9 +6,14 @@
 #      `flowise_proxy` on 127.0.0.1:5432 if a server answers there, else a
 #      private cluster under .local/pg on 127.0.0.1:5499;
 #   3. when JWT_SECRET_KEY is unset, generates one (kept in .local/jwt_secret);
-#   4. migrates, creates an `admin` user on first run (prints its password);
-#   5. execs `flowise-proxy serve -c conf/flowise-proxy.yaml`.
-# Environment variables override conf/flowise-proxy.yaml (see README.md).
+#   4. writes these settings to .local/flowise-proxy.env, the settings file
+#      every `flowise-proxy` command reads by default from this directory (so
+#      `flowise-proxy user list` works in a new shell), and links the binary
+#      as .local/bin/flowise-proxy;
+#   5. migrates, creates an `admin` user on first run (prints its password);
+#   6. execs `flowise-proxy serve -c conf/flowise-proxy.yaml`.
+# Environment variables override .local/flowise-proxy.env, which overrides
+# conf/flowise-proxy.yaml (see README.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
@@ -135,6 +140,34 @@ export FLOWISE_API_URL="${FLOWISE_API_URL:-http://localhost:3000}"
 PORT="${PORT:-8000}"
 export PORT
 
+# The settings file the CLI and the server read when started from this
+# directory: what this script chose, nothing that conf/flowise-proxy.yaml
+# already says (so editing the YAML keeps working).
+write_settings() {
+    local tmp="$LOCAL/flowise-proxy.env.tmp"
+    (
+        umask 077
+        {
+            echo "# Written by scripts/run-local.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ); read by every"
+            echo "# flowise-proxy command started in $ROOT (see README.md, Configuration)."
+            echo "# Environment variables override these lines; these override the YAML file."
+            echo "FLOWISE_PROXY_CONF='$CONF'"
+            echo "DATABASE_URL='$DATABASE_URL'"
+            if [ -s "$LOCAL/jwt_secret" ] && [ "$JWT_SECRET_KEY" = "$(cat "$LOCAL/jwt_secret")" ]; then
+                echo "JWT_SECRET_KEY='$JWT_SECRET_KEY'"
+            fi
+            if [ "$FLOWISE_API_URL" != "http://localhost:3000" ]; then
+                echo "FLOWISE_API_URL='$FLOWISE_API_URL'"
+            fi
+        } >"$tmp"
+    )
+    mv "$tmp" "$LOCAL/flowise-proxy.env"
+}
+write_settings
+log "settings written to .local/flowise-proxy.env"
+mkdir -p "$LOCAL/bin"
+ln -sfn "$BIN" "$LOCAL/bin/flowise-proxy"
+
 "$BIN" migrate
 
 if ! "$BIN" user list | awk -F'\t' '$2 == "admin" || $3 == "admin" { found = 1 } END { exit !found }'; then
@@ -158,4 +191,5 @@ MSG
 fi
 
 log "serving on port $PORT, Flowise at $FLOWISE_API_URL (health: curl -s localhost:$PORT/health)"
+log "the CLI in another shell, from $ROOT: export PATH=\"$LOCAL/bin:\$PATH\"; flowise-proxy user list"
 exec "$BIN" serve -c "$CONF"

@@ -1,10 +1,27 @@
 //! One access-log line per request on stdout. Never a password, token, API key
 //! or prompt text: only the fields below.
+//!
+//! Logging never blocks a request: lines are formatted on the worker (a
+//! `Serialize` struct, no intermediate JSON value) and handed to one writer
+//! thread through a bounded queue. When stdout's reader stalls and the queue
+//! is full, the line is dropped and counted
+//! (`flowise_proxy_access_log_dropped_total`); requests complete regardless.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::Duration;
 
+use once_cell::sync::Lazy;
+use serde::Serialize;
+
+/// Lines waiting for the writer thread, at most.
+const QUEUE: usize = 4_096;
+
+#[derive(Serialize)]
 pub struct Line<'a> {
+    #[serde(skip)]
+    pub json: bool,
     pub request_id: &'a str,
     pub method: &'a str,
     pub route: &'a str,
@@ -14,21 +31,55 @@ pub struct Line<'a> {
     pub credits_charged: Option<i64>,
     pub upstream_status: Option<u16>,
     pub upstream_error: Option<&'a str>,
+    #[serde(rename = "bytes")]
     pub bytes_sent: usize,
+    #[serde(skip)]
     pub duration: Duration,
 }
 
-pub fn write(json: bool, l: &Line<'_>) {
+#[derive(Serialize)]
+struct Stamped<'a> {
+    time: String,
+    #[serde(flatten)]
+    line: &'a Line<'a>,
+    duration_ms: f64,
+}
+
+static WRITER: Lazy<SyncSender<String>> = Lazy::new(|| {
+    let (tx, rx) = sync_channel::<String>(QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || {
+            let stdout = std::io::stdout();
+            while let Ok(first) = rx.recv() {
+                let mut out = stdout.lock();
+                let _ = out.write_all(first.as_bytes());
+                let mut written = 1;
+                // Write whatever else is queued under the same lock.
+                while let Ok(more) = rx.try_recv() {
+                    let _ = out.write_all(more.as_bytes());
+                    written += 1;
+                }
+                let _ = out.flush();
+                PENDING.fetch_sub(written, Ordering::SeqCst);
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("access log writer thread: {e}");
+    }
+    tx
+});
+
+pub fn write(l: &Line<'_>) {
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let duration_ms = (l.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
-    let text = if json {
-        serde_json::json!({
-            "time": time, "request_id": l.request_id, "method": l.method, "route": l.route,
-            "status": l.status, "user_id": l.user_id, "chatflow_id": l.chatflow_id,
-            "credits_charged": l.credits_charged, "upstream_status": l.upstream_status,
-            "upstream_error": l.upstream_error, "bytes": l.bytes_sent, "duration_ms": duration_ms,
+    let mut text = if l.json {
+        serde_json::to_string(&Stamped {
+            time,
+            line: l,
+            duration_ms,
         })
-        .to_string()
+        .unwrap_or_default()
     } else {
         format!(
             "{time} {} {} {} {} user={} chatflow={} charged={} upstream={} bytes={} {duration_ms}ms",
@@ -43,6 +94,24 @@ pub fn write(json: bool, l: &Line<'_>) {
             l.bytes_sent,
         )
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
+    text.push('\n');
+    PENDING.fetch_add(1, Ordering::SeqCst);
+    match WRITER.try_send(text) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            PENDING.fetch_sub(1, Ordering::SeqCst);
+            crate::metrics::ACCESS_LOG_DROPPED.inc();
+        }
+    }
 }
+
+/// Waits (bounded) until queued lines are written: at shutdown.
+pub fn flush(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while PENDING.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Lines queued and not yet written.
+static PENDING: AtomicUsize = AtomicUsize::new(0);

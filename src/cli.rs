@@ -1,9 +1,12 @@
 //! Command line: `serve` (the default) plus the admin commands a fresh install
-//! needs, working against `DATABASE_URL`.
+//! needs. Every command reads its settings from the same sources as the server
+//! (see `config::Source`): the environment, the settings file
+//! (`.local/flowise-proxy.env`, written by `scripts/run-local.sh`), the YAML
+//! file given with `-c`, then the defaults.
 
 use std::io::{BufRead, IsTerminal};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use pingora_core::server::configuration::Opt;
 
 use crate::auth::password;
@@ -15,13 +18,55 @@ use crate::validate;
 #[command(
     name = "flowise-proxy",
     version,
-    about = "Edge proxy for Flowise: login, grants, credits, metrics"
+    about = "Edge proxy for Flowise: per-user login, chatflow grants, prepaid credits, metrics",
+    long_about = "Edge proxy for Flowise: per-user login, chatflow grants, prepaid credits, metrics.\n\n\
+Without a command it runs the proxy (`serve`). Settings come from, in this order of \
+precedence: environment variables, the settings file (KEY=VALUE lines; --env-file, \
+else $FLOWISE_PROXY_ENV_FILE, else .local/flowise-proxy.env in the working directory, \
+which scripts/run-local.sh writes), the YAML file (-c, else $FLOWISE_PROXY_CONF), \
+then the defaults. Every command reads the same sources.",
+    after_help = "Check a configuration: flowise-proxy -t -c conf/flowise-proxy.yaml"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    opt: Opt,
+    common: Common,
+    #[command(flatten)]
+    serve: ServeFlags,
+}
+
+/// Options every command takes.
+#[derive(Args, Clone, Default)]
+struct Common {
+    /// YAML configuration file: flowise-proxy's settings (lower-case names) and
+    /// Pingora's keys. Default: $FLOWISE_PROXY_CONF, if set.
+    #[arg(short = 'c', long = "conf", value_name = "FILE", global = true)]
+    conf: Option<String>,
+    /// Settings file of KEY=VALUE lines. Default: $FLOWISE_PROXY_ENV_FILE, else
+    /// .local/flowise-proxy.env when it exists in the working directory.
+    #[arg(long = "env-file", value_name = "FILE", global = true)]
+    env_file: Option<String>,
+    /// Test the configuration and exit: prints each source and every setting
+    /// with its value (secrets hidden) and origin; exits 1 on any error,
+    /// including a YAML key nobody reads (a misspelling).
+    #[arg(short = 't', long = "test", global = true)]
+    test: bool,
+}
+
+/// Flags of `serve`.
+#[derive(Args, Clone, Default)]
+struct ServeFlags {
+    /// Run in the background (writes the YAML's pid_file).
+    #[arg(short = 'd', long)]
+    daemon: bool,
+    /// Take the listening sockets over from a running instance (graceful
+    /// upgrade through the YAML's upgrade_sock); then send it SIGQUIT.
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+    /// Accepted and ignored (passed by `cargo test` harnesses).
+    #[arg(long, hide = true)]
+    nocapture: bool,
 }
 
 #[derive(Subcommand)]
@@ -29,7 +74,7 @@ enum Command {
     /// Run the proxy (the default).
     Serve {
         #[command(flatten)]
-        opt: Opt,
+        flags: ServeFlags,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -109,21 +154,85 @@ enum LedgerCmd {
 
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    let common = cli.common;
+    if common.test {
+        return test_configuration(&common);
+    }
     match cli.command {
-        None => serve(cli.opt),
-        Some(Command::Serve { opt }) => serve(merge(cli.opt, opt)),
-        Some(cmd) => admin(cmd, cli.opt.conf.as_deref()),
+        None => serve(&common, cli.serve),
+        Some(Command::Serve { flags }) => serve(
+            &common,
+            ServeFlags {
+                daemon: cli.serve.daemon || flags.daemon,
+                upgrade: cli.serve.upgrade || flags.upgrade,
+                nocapture: cli.serve.nocapture || flags.nocapture,
+            },
+        ),
+        Some(cmd) => admin(cmd, &common),
     }
 }
 
-fn merge(outer: Opt, inner: Opt) -> Opt {
-    Opt {
-        upgrade: outer.upgrade || inner.upgrade,
-        daemon: outer.daemon || inner.daemon,
-        nocapture: outer.nocapture || inner.nocapture,
-        test: outer.test || inner.test,
-        conf: inner.conf.or(outer.conf),
+/// `-t`: every source, every setting and where it came from, then the verdict.
+fn test_configuration(common: &Common) -> i32 {
+    // `flowise-proxy -t | head` ends quietly, like other Unix tools, instead of
+    // panicking on the closed pipe. Only here: this path serves nothing.
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    println!(
+        "flowise-proxy {} configuration test",
+        env!("CARGO_PKG_VERSION")
+    );
+    let src = match config::Source::open(common.conf.as_deref(), common.env_file.as_deref()) {
+        Ok(src) => src,
+        Err(errs) => return report_failure(&errs),
+    };
+    println!("sources, highest precedence first:");
+    println!("  environment variables");
+    match src.env_file_path() {
+        Some(p) => println!("  settings file: {p}"),
+        None => println!(
+            "  settings file: none (no --env-file, FLOWISE_PROXY_ENV_FILE unset, no {} here)",
+            config::DEFAULT_ENV_FILE
+        ),
+    }
+    match src.yaml_path() {
+        Some(p) => println!("  YAML file: {p}"),
+        None => println!("  YAML file: none (no -c, {} unset)", config::CONF_VARIABLE),
+    }
+    println!("  defaults");
+    let mut src = src;
+    let mut errs = Vec::new();
+    let cfg = Config::from_source(&src, &mut errs);
+    src.check_keys();
+    errs.extend(src.problems.iter().cloned());
+    println!("settings:");
+    for (name, value, origin) in src.report() {
+        println!("  {name} = {value}  [{origin}]");
+    }
+    if let Some(path) = src.yaml_path() {
+        match pingora_core::server::configuration::ServerConf::load_from_yaml(path) {
+            Ok(_) => println!("Pingora keys in {path}: ok"),
+            Err(e) => errs.push(format!("{path}: Pingora's configuration: {e}")),
+        }
+    }
+    if cfg.is_none() && errs.is_empty() {
+        errs.push("the configuration is incomplete".into());
+    }
+    if !errs.is_empty() {
+        return report_failure(&errs);
+    }
+    println!("configuration test passed");
+    0
+}
+
+fn report_failure(errs: &[String]) -> i32 {
+    for e in errs {
+        eprintln!("flowise-proxy: configuration error: {e}");
+    }
+    println!("configuration test FAILED: {} problem(s)", errs.len());
+    1
 }
 
 fn init_logging(json: bool, debug: bool) {
@@ -145,8 +254,8 @@ fn init_logging(json: bool, debug: bool) {
     };
 }
 
-fn serve(opt: Opt) -> i32 {
-    let cfg = match Config::load(opt.conf.as_deref()) {
+fn serve(common: &Common, flags: ServeFlags) -> i32 {
+    let (cfg, src) = match Config::load_with(common.conf.as_deref(), common.env_file.as_deref()) {
         Ok(c) => c,
         Err(errs) => {
             for e in errs {
@@ -156,6 +265,14 @@ fn serve(opt: Opt) -> i32 {
         }
     };
     init_logging(cfg.log_json, cfg.debug);
+    let opt = Opt {
+        upgrade: flags.upgrade,
+        daemon: flags.daemon,
+        nocapture: flags.nocapture,
+        test: false,
+        // Pingora reads its keys from the same YAML file, wherever it was found.
+        conf: src.yaml_path().map(str::to_string),
+    };
     match crate::server::run(opt, cfg) {
         Ok(()) => 0,
         Err(e) => {
@@ -165,15 +282,18 @@ fn serve(opt: Opt) -> i32 {
     }
 }
 
-fn admin(cmd: Command, conf: Option<&str>) -> i32 {
+fn admin(cmd: Command, common: &Common) -> i32 {
     init_logging(false, false);
-    let url = match config::database_url_only(conf) {
-        Ok(u) => u,
-        Err(e) => {
-            eprintln!("flowise-proxy: {e}");
-            return 2;
-        }
-    };
+    let (url, hold_ttl) =
+        match config::for_admin(common.conf.as_deref(), common.env_file.as_deref()) {
+            Ok(found) => found,
+            Err(errs) => {
+                for e in errs {
+                    eprintln!("flowise-proxy: {e}");
+                }
+                return 2;
+            }
+        };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -184,7 +304,7 @@ fn admin(cmd: Command, conf: Option<&str>) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run_admin(cmd, &url, conf)) {
+    match rt.block_on(run_admin(cmd, &url, hold_ttl)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("flowise-proxy: {e}");
@@ -193,7 +313,7 @@ fn admin(cmd: Command, conf: Option<&str>) -> i32 {
     }
 }
 
-async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, String> {
+async fn run_admin(cmd: Command, url: &str, hold_ttl: std::time::Duration) -> Result<i32, String> {
     if let Command::Migrate = cmd {
         let applied = store::migrate(url).await?;
         println!(
@@ -241,17 +361,9 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                 .await
                 .map_err(|e| e.to_string())?;
             if let Some(n) = credits.filter(|n| *n != 0) {
-                store::ledger::adjust(
-                    &db,
-                    u.id,
-                    n,
-                    if n > 0 { "grant" } else { "adjust" },
-                    "initial credits",
-                    None,
-                    None,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+                crate::ledger::change_balance(&db, u.id, n, "initial credits", None, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             println!("created user {} (id {}, role {})", u.username, u.id, u.role);
             if generated {
@@ -264,7 +376,7 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
                 .await
                 .map_err(|e| e.to_string())?
             {
-                let (avail, held) = store::ledger::balance(&db, u.id)
+                let (avail, held) = crate::ledger::balance(&db, u.id)
                     .await
                     .map_err(|e| e.to_string())?
                     .unwrap_or((0, 0));
@@ -290,12 +402,10 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
             validate::credit_change(amount, &reason, idempotency_key.as_deref())
                 .map_err(|e| e.detail)?;
             let id = user_id(username).await?;
-            let kind = if amount > 0 { "grant" } else { "adjust" };
-            match store::ledger::adjust(
+            match crate::ledger::change_balance(
                 &db,
                 id,
                 amount,
-                kind,
                 &reason,
                 idempotency_key.as_deref(),
                 None,
@@ -303,10 +413,10 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
             .await
             .map_err(|e| e.to_string())?
             {
-                store::ledger::Adjusted::Applied { available } => {
+                crate::ledger::Adjusted::Applied { available } => {
                     println!("credits now {available}")
                 }
-                store::ledger::Adjusted::Replayed { available } => {
+                crate::ledger::Adjusted::Replayed { available } => {
                     println!("already applied; credits {available}")
                 }
             }
@@ -351,15 +461,7 @@ async fn run_admin(cmd: Command, url: &str, conf: Option<&str>) -> Result<i32, S
         Command::Ledger {
             cmd: LedgerCmd::Verify,
         } => {
-            let ttl = Config::load(conf)
-                .map(|c| c.hold_ttl.as_secs_f64())
-                .unwrap_or_else(|_| {
-                    std::env::var("HOLD_TTL_SECONDS")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(900.0)
-                });
-            let problems = store::ledger::verify(&db, ttl)
+            let problems = crate::ledger::verify(&db, hold_ttl)
                 .await
                 .map_err(|e| e.to_string())?;
             if problems.is_empty() {

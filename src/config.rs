@@ -40,6 +40,26 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight requests before Pingora's own exit.
     pub grace_period: Duration,
     pub login_attempts_per_minute: u32,
+    /// Client connection limits, enforced by `crate::limits`.
+    pub client_limits: ClientLimits,
+}
+
+/// What one client connection may hold on to (see `crate::limits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// An idle keep-alive connection is closed after this long without a new request.
+    pub keepalive_timeout: Duration,
+    /// A request's whole header must arrive within this long (counted from
+    /// the connection's accept for its first request, from the first byte for
+    /// later ones).
+    pub header_timeout: Duration,
+    /// A request's whole body must arrive within this long after its header.
+    pub body_timeout: Duration,
+    /// Larger request headers (request line included) are refused with 431.
+    pub max_header_bytes: usize,
+    /// Client connections open at once; more are answered 503 and closed.
+    /// Lowered at start-up to what the descriptor limit allows.
+    pub max_connections: usize,
 }
 
 /// One Flowise server: where to connect and what to send as `Host`.
@@ -78,34 +98,219 @@ const KNOWN_SAMPLE_SECRETS: &[&str] = &[
     "CHANGE_ME_TO_A_LONG_RANDOM_SECRET_AT_LEAST_32_BYTES",
 ];
 
-/// Where a value came from: an environment variable or the YAML file.
-struct Source {
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Environment,
+    EnvFile(String),
+    Yaml(String),
+    Default,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Environment => write!(f, "environment"),
+            Origin::EnvFile(p) => write!(f, "settings file {p}"),
+            Origin::Yaml(p) => write!(f, "YAML {p}"),
+            Origin::Default => write!(f, "default"),
+        }
+    }
+}
+
+/// The settings file `scripts/run-local.sh` writes (KEY=VALUE lines), looked up
+/// in the working directory when neither `--env-file` nor
+/// `FLOWISE_PROXY_ENV_FILE` names one.
+pub const DEFAULT_ENV_FILE: &str = ".local/flowise-proxy.env";
+
+/// Names a YAML file to use when `-c` is not given (environment or settings file).
+pub const CONF_VARIABLE: &str = "FLOWISE_PROXY_CONF";
+
+/// Every source of settings, in precedence order: the process environment, the
+/// settings file (KEY=VALUE), the YAML file (lower-case keys), the defaults.
+/// Records every name it is asked for, so `-t` can list them and unknown YAML
+/// keys can be told apart from ours without a second list to keep in step.
+pub struct Source {
+    env_file_path: Option<String>,
+    env_file: std::collections::HashMap<String, String>,
+    yaml_path: Option<String>,
     yaml: serde_yaml::Mapping,
+    /// (name, default as shown) in the order `from_source` asked.
+    asked: std::cell::RefCell<Vec<(&'static str, Option<String>)>>,
+    /// Problems with the sources themselves (unreadable file, unknown key).
+    pub problems: Vec<String>,
 }
 
 impl Source {
-    fn get(&self, name: &str) -> Option<String> {
-        if let Ok(v) = std::env::var(name) {
-            return Some(v);
+    /// Reads the settings file and the YAML file. `conf` is `-c`; `env_file` is
+    /// `--env-file`. Unreadable files are errors; unknown YAML keys are
+    /// `problems`, reported once the known names are recorded (see [`Source::check_keys`]).
+    pub fn open(conf: Option<&str>, env_file: Option<&str>) -> Result<Source, Vec<String>> {
+        let env_file_path = match env_file {
+            Some(p) => Some(p.to_string()),
+            None => match std::env::var("FLOWISE_PROXY_ENV_FILE") {
+                Ok(p) if !p.is_empty() => Some(p),
+                _ => std::path::Path::new(DEFAULT_ENV_FILE)
+                    .is_file()
+                    .then(|| DEFAULT_ENV_FILE.to_string()),
+            },
+        };
+        let mut env_file_map = std::collections::HashMap::new();
+        if let Some(path) = &env_file_path {
+            let iter = dotenvy::from_path_iter(path)
+                .map_err(|e| vec![format!("cannot read settings file {path}: {e}")])?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| vec![format!("{path}: {e}")])?;
+                env_file_map.insert(k, v);
+            }
         }
-        let key = serde_yaml::Value::String(name.to_ascii_lowercase());
-        match self.yaml.get(&key)? {
-            serde_yaml::Value::String(s) => Some(s.clone()),
-            serde_yaml::Value::Number(n) => Some(n.to_string()),
-            serde_yaml::Value::Bool(b) => Some(b.to_string()),
-            serde_yaml::Value::Sequence(items) => Some(
-                items
-                    .iter()
-                    .filter_map(|i| i.as_str().map(str::to_string))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            _ => None,
-        }
+        let yaml_path = conf.map(str::to_string).or_else(|| {
+            std::env::var(CONF_VARIABLE)
+                .ok()
+                .or_else(|| env_file_map.get(CONF_VARIABLE).cloned())
+                .filter(|p| !p.is_empty())
+        });
+        let yaml = match &yaml_path {
+            None => serde_yaml::Mapping::new(),
+            Some(path) => match std::fs::read_to_string(path) {
+                Err(e) => return Err(vec![format!("cannot read configuration file {path}: {e}")]),
+                Ok(text) => match serde_yaml::from_str::<serde_yaml::Value>(&text) {
+                    Ok(serde_yaml::Value::Mapping(m)) => m,
+                    Ok(serde_yaml::Value::Null) => serde_yaml::Mapping::new(),
+                    Ok(_) => return Err(vec![format!("{path}: expected a YAML mapping")]),
+                    Err(e) => return Err(vec![format!("{path}: invalid YAML: {e}")]),
+                },
+            },
+        };
+        Ok(Source {
+            env_file_path,
+            env_file: env_file_map,
+            yaml_path,
+            yaml,
+            asked: std::cell::RefCell::new(Vec::new()),
+            problems: Vec::new(),
+        })
     }
 
-    fn parse<T: std::str::FromStr>(&self, name: &str, default: T, errs: &mut Vec<String>) -> T {
-        match self.get(name) {
+    pub fn yaml_path(&self) -> Option<&str> {
+        self.yaml_path.as_deref()
+    }
+
+    pub fn env_file_path(&self) -> Option<&str> {
+        self.env_file_path.as_deref()
+    }
+
+    /// Keys of the YAML file that neither Pingora nor flowise-proxy reads, and
+    /// keys of the settings file that are not settings. Call after
+    /// [`Config::from_source`] so that every name we read is known.
+    pub fn check_keys(&mut self) {
+        let ours: std::collections::HashSet<String> = self
+            .asked
+            .borrow()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .chain([CONF_VARIABLE.to_string()])
+            .collect();
+        let pingora = pingora_keys();
+        let mut problems = Vec::new();
+        if let Some(path) = &self.yaml_path {
+            for key in self.yaml.keys() {
+                let name = match key {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                if !ours.contains(&name.to_ascii_uppercase()) && !pingora.contains(&name) {
+                    problems.push(format!(
+                        "{path}: unknown key {name:?} (neither a flowise-proxy setting nor a Pingora key; misspelled?)"
+                    ));
+                }
+            }
+        }
+        if let Some(path) = &self.env_file_path {
+            let mut keys: Vec<&String> = self.env_file.keys().collect();
+            keys.sort();
+            for key in keys {
+                if !ours.contains(key) {
+                    problems.push(format!("{path}: unknown setting {key:?} (misspelled?)"));
+                }
+            }
+        }
+        self.problems.extend(problems);
+    }
+
+    /// Each setting read, its value as shown (secrets masked) and its origin.
+    pub fn report(&self) -> Vec<(String, String, Origin)> {
+        let asked = self.asked.borrow();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (name, default) in asked.iter() {
+            if !seen.insert(*name) {
+                continue;
+            }
+            let (value, origin) = match self.lookup(name) {
+                Some((v, o)) => (mask(name, &v), o),
+                None => (
+                    default.clone().unwrap_or_else(|| "(not set)".into()),
+                    Origin::Default,
+                ),
+            };
+            out.push((name.to_string(), value, origin));
+        }
+        out
+    }
+
+    fn lookup(&self, name: &str) -> Option<(String, Origin)> {
+        if let Ok(v) = std::env::var(name) {
+            return Some((v, Origin::Environment));
+        }
+        if let Some(v) = self.env_file.get(name) {
+            let path = self.env_file_path.clone().unwrap_or_default();
+            return Some((v.clone(), Origin::EnvFile(path)));
+        }
+        let key = serde_yaml::Value::String(name.to_ascii_lowercase());
+        let yaml = match self.yaml.get(&key)? {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Sequence(items) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => return None,
+        };
+        Some((
+            yaml,
+            Origin::Yaml(self.yaml_path.clone().unwrap_or_default()),
+        ))
+    }
+
+    fn note(&self, name: &'static str, default: Option<String>) {
+        self.asked.borrow_mut().push((name, default));
+    }
+
+    /// The value of `name`, recording that it is a setting without a default.
+    pub fn get(&self, name: &'static str) -> Option<String> {
+        self.note(name, None);
+        self.lookup(name).map(|(v, _)| v)
+    }
+
+    /// The value of `name`, or `default` (shown by `-t`).
+    fn get_or(&self, name: &'static str, default: &str) -> String {
+        self.note(name, Some(default.to_string()));
+        self.lookup(name)
+            .map(|(v, _)| v)
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn parse<T: std::str::FromStr + std::fmt::Display>(
+        &self,
+        name: &'static str,
+        default: T,
+        errs: &mut Vec<String>,
+    ) -> T {
+        self.note(name, Some(default.to_string()));
+        match self.lookup(name).map(|(v, _)| v) {
             None => default,
             Some(v) if v.trim().is_empty() => default,
             Some(v) => match v.trim().parse() {
@@ -118,8 +323,12 @@ impl Source {
         }
     }
 
-    fn bool(&self, name: &str, default: bool, errs: &mut Vec<String>) -> bool {
-        match self.get(name).map(|v| v.trim().to_ascii_lowercase()) {
+    fn bool(&self, name: &'static str, default: bool, errs: &mut Vec<String>) -> bool {
+        self.note(name, Some(default.to_string()));
+        match self
+            .lookup(name)
+            .map(|(v, _)| v.trim().to_ascii_lowercase())
+        {
             None => default,
             Some(v) if v.is_empty() => default,
             Some(v) => match v.as_str() {
@@ -134,33 +343,64 @@ impl Source {
     }
 }
 
-impl Config {
-    /// Loads and validates. Every problem is reported, one line each.
-    pub fn load(yaml_path: Option<&str>) -> Result<Config, Vec<String>> {
-        let mut errs = Vec::new();
-        let yaml = match yaml_path {
-            None => serde_yaml::Mapping::new(),
-            Some(path) => match std::fs::read_to_string(path) {
-                Err(e) => return Err(vec![format!("cannot read configuration file {path}: {e}")]),
-                Ok(text) => match serde_yaml::from_str::<serde_yaml::Value>(&text) {
-                    Ok(serde_yaml::Value::Mapping(m)) => m,
-                    Ok(serde_yaml::Value::Null) => serde_yaml::Mapping::new(),
-                    Ok(_) => return Err(vec![format!("{path}: expected a YAML mapping")]),
-                    Err(e) => return Err(vec![format!("{path}: invalid YAML: {e}")]),
-                },
-            },
+/// The keys of Pingora's own `ServerConf`, as its YAML spells them.
+fn pingora_keys() -> std::collections::HashSet<String> {
+    let conf = pingora_core::server::configuration::ServerConf::default();
+    match serde_yaml::to_value(&conf) {
+        Ok(serde_yaml::Value::Mapping(m)) => m
+            .keys()
+            .filter_map(|k| k.as_str().map(str::to_string))
+            .collect(),
+        _ => std::collections::HashSet::new(),
+    }
+}
+
+/// A value as `-t` may print it: secrets hidden, passwords in URLs replaced.
+pub fn mask(name: &str, value: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    let secret = upper.contains("SECRET")
+        || upper.contains("PASSWORD")
+        || upper.ends_with("_KEY")
+        || upper.ends_with("_TOKEN");
+    if secret {
+        return if value.is_empty() {
+            "(empty)".into()
+        } else {
+            format!("(set, {} bytes, hidden)", value.len())
         };
-        let src = Source { yaml };
-        Self::from_source(&src, &mut errs).ok_or(errs)
+    }
+    if let Ok(mut url) = url::Url::parse(value) {
+        if url.password().is_some() && url.set_password(Some("***")).is_ok() {
+            return url.to_string();
+        }
+    }
+    value.to_string()
+}
+
+impl Config {
+    /// Loads and validates from every source (see [`Source`]); also returns the
+    /// sources (the YAML file found is Pingora's too). Every problem is
+    /// reported, one line each.
+    pub fn load_with(
+        yaml_path: Option<&str>,
+        env_file: Option<&str>,
+    ) -> Result<(Config, Source), Vec<String>> {
+        let mut src = Source::open(yaml_path, env_file)?;
+        let mut errs = Vec::new();
+        let cfg = Self::from_source(&src, &mut errs);
+        src.check_keys();
+        errs.extend(src.problems.iter().cloned());
+        match cfg {
+            Some(cfg) if errs.is_empty() => Ok((cfg, src)),
+            _ => Err(errs),
+        }
     }
 
-    fn from_source(src: &Source, errs: &mut Vec<String>) -> Option<Config> {
-        let host = src.get("HOST").unwrap_or_else(|| "0.0.0.0".into());
+    pub fn from_source(src: &Source, errs: &mut Vec<String>) -> Option<Config> {
+        let host = src.get_or("HOST", "0.0.0.0");
         let port = src.parse("PORT", 8000u16, errs);
 
-        let flowise_raw = src
-            .get("FLOWISE_API_URL")
-            .unwrap_or_else(|| "http://localhost:3000".into());
+        let flowise_raw = src.get_or("FLOWISE_API_URL", "http://localhost:3000");
         let mut flowise_urls = Vec::new();
         for part in flowise_raw
             .split(',')
@@ -210,8 +450,7 @@ impl Config {
             ));
         }
         let jwt_algorithm = match src
-            .get("JWT_ALGORITHM")
-            .unwrap_or_else(|| "HS256".into())
+            .get_or("JWT_ALGORITHM", "HS256")
             .to_ascii_uppercase()
             .as_str()
         {
@@ -234,9 +473,7 @@ impl Config {
             errs.push("REFRESH_TOKEN_DAYS: must be positive".into());
         }
 
-        let metrics_raw = src
-            .get("METRICS_ADDR")
-            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_raw = src.get_or("METRICS_ADDR", "127.0.0.1:9464");
         let metrics_addr = if metrics_raw.trim().is_empty() {
             None
         } else {
@@ -272,7 +509,7 @@ impl Config {
         if hold_ttl == 0 {
             errs.push("HOLD_TTL_SECONDS: must be positive".into());
         }
-        let log_format = src.get("LOG_FORMAT").unwrap_or_else(|| "json".into());
+        let log_format = src.get_or("LOG_FORMAT", "json");
         let log_json = match log_format.to_ascii_lowercase().as_str() {
             "json" | "" => true,
             "text" => false,
@@ -284,7 +521,7 @@ impl Config {
         let debug = src.bool("DEBUG", false, errs);
         let migrate_on_start = src.bool("MIGRATE_ON_START", true, errs);
         let database_wait = Duration::from_secs(src.parse("DATABASE_WAIT_SECONDS", 30u64, errs));
-        let ms = |name: &str, default: u64, errs: &mut Vec<String>| {
+        let ms = |name: &'static str, default: u64, errs: &mut Vec<String>| {
             Duration::from_millis(src.parse(name, default, errs).max(1))
         };
         let health_check_interval = ms("HEALTH_CHECK_INTERVAL_MS", 1000, errs);
@@ -293,6 +530,7 @@ impl Config {
         let sweeper_interval = ms("SWEEPER_INTERVAL_MS", 10_000, errs);
         let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
         let login_attempts_per_minute = src.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10u32, errs);
+        let client_limits = client_limits(src, errs);
 
         if !errs.is_empty() {
             return None;
@@ -325,6 +563,7 @@ impl Config {
             sweeper_interval,
             grace_period,
             login_attempts_per_minute,
+            client_limits,
         })
     }
 
@@ -337,25 +576,75 @@ impl Config {
     }
 }
 
-/// Reads only `DATABASE_URL` (env over YAML): enough for the admin CLI.
-pub fn database_url_only(yaml_path: Option<&str>) -> Result<String, String> {
-    if let Ok(v) = std::env::var("DATABASE_URL") {
-        if !v.is_empty() {
-            return Ok(v);
-        }
+fn client_limits(src: &Source, errs: &mut Vec<String>) -> ClientLimits {
+    let keepalive_secs = src.parse("KEEPALIVE_TIMEOUT_SECONDS", 60u64, errs);
+    let header_ms = src.parse("REQUEST_HEADER_TIMEOUT_MS", 10_000u64, errs);
+    let body_ms = src.parse("REQUEST_BODY_TIMEOUT_MS", 60_000u64, errs);
+    if keepalive_secs == 0 || header_ms == 0 || body_ms == 0 {
+        errs.push(
+            "KEEPALIVE_TIMEOUT_SECONDS, REQUEST_HEADER_TIMEOUT_MS, REQUEST_BODY_TIMEOUT_MS: must be positive"
+                .into(),
+        );
     }
-    if let Some(path) = yaml_path {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-        if let Ok(serde_yaml::Value::Mapping(m)) = serde_yaml::from_str::<serde_yaml::Value>(&text)
-        {
-            if let Some(serde_yaml::Value::String(s)) =
-                m.get(serde_yaml::Value::String("database_url".into()))
-            {
-                return Ok(s.clone());
+    let max_header_bytes = src.parse("MAX_HEADER_BYTES", 65_536usize, errs);
+    // Pingora's own ceiling is just under 1 MiB.
+    if !(1024..=1_048_575).contains(&max_header_bytes) {
+        errs.push("MAX_HEADER_BYTES: must be between 1024 and 1048575".into());
+    }
+    let max_connections = src.parse("MAX_CONNECTIONS", 10_000usize, errs);
+    if max_connections == 0 {
+        errs.push("MAX_CONNECTIONS: must be at least 1".into());
+    }
+    ClientLimits {
+        keepalive_timeout: Duration::from_secs(keepalive_secs),
+        header_timeout: Duration::from_millis(header_ms),
+        body_timeout: Duration::from_millis(body_ms),
+        max_header_bytes,
+        max_connections,
+    }
+}
+
+/// `DATABASE_URL` and the sources, for the admin commands: the rest of the
+/// configuration need not be complete (no JWT secret is needed to add a user),
+/// but the sources must be readable and free of unknown keys.
+pub fn for_admin(
+    yaml_path: Option<&str>,
+    env_file: Option<&str>,
+) -> Result<(String, Duration), Vec<String>> {
+    let mut src = Source::open(yaml_path, env_file)?;
+    let mut errs = Vec::new();
+    let cfg = Config::from_source(&src, &mut errs);
+    src.check_keys();
+    if !src.problems.is_empty() {
+        return Err(src.problems.clone());
+    }
+    match src.lookup("DATABASE_URL") {
+        Some((url, _)) if !url.is_empty() => {
+            // The full configuration may be incomplete for admin work (no JWT
+            // secret is needed to add a user): then read the hold lifetime alone.
+            let hold_ttl = cfg.map(|c| c.hold_ttl).unwrap_or_else(|| {
+                let secs = src
+                    .lookup("HOLD_TTL_SECONDS")
+                    .and_then(|(v, _)| v.trim().parse().ok())
+                    .unwrap_or(900);
+                Duration::from_secs(secs)
+            });
+            Ok((url, hold_ttl))
+        }
+        _ => Err(vec![format!(
+            "DATABASE_URL is not set: looked in the environment, {}, and {}",
+            match src.env_file_path() {
+                Some(p) => format!("the settings file {p}"),
+                None => format!(
+                    "the settings file (none: no --env-file, FLOWISE_PROXY_ENV_FILE unset, no {DEFAULT_ENV_FILE} here)"
+                ),
+            },
+            match src.yaml_path() {
+                Some(p) => format!("database_url in {p}"),
+                None => "no YAML file (-c)".into(),
             }
-        }
+        )]),
     }
-    Err("DATABASE_URL is not set".into())
 }
 
 fn parse_flowise_url(raw: &str) -> Result<FlowiseUrl, String> {
@@ -395,6 +684,81 @@ fn parse_flowise_url(raw: &str) -> Result<FlowiseUrl, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn yaml_source(text: &str) -> Source {
+        match serde_yaml::from_str::<serde_yaml::Value>(text) {
+            Ok(serde_yaml::Value::Mapping(yaml)) => Source {
+                env_file_path: None,
+                env_file: Default::default(),
+                yaml_path: None,
+                yaml,
+                asked: Default::default(),
+                problems: Vec::new(),
+            },
+            _ => panic!("test YAML must be a mapping"),
+        }
+    }
+
+    #[test]
+    fn client_limits_have_defaults_and_are_checked() {
+        let mut errs = Vec::new();
+        let limits = client_limits(&yaml_source("{}"), &mut errs);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(
+            limits,
+            ClientLimits {
+                keepalive_timeout: Duration::from_secs(60),
+                header_timeout: Duration::from_millis(10_000),
+                body_timeout: Duration::from_millis(60_000),
+                max_header_bytes: 65_536,
+                max_connections: 10_000,
+            }
+        );
+        let limits = client_limits(
+            &yaml_source("keepalive_timeout_seconds: 5\nmax_header_bytes: 8192"),
+            &mut errs,
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(limits.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(limits.max_header_bytes, 8192);
+        client_limits(
+            &yaml_source(
+                "request_body_timeout_ms: 0\nmax_header_bytes: 2000000\nmax_connections: 0",
+            ),
+            &mut errs,
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask("JWT_SECRET_KEY", "abcdef"), "(set, 6 bytes, hidden)");
+        assert_eq!(mask("FLOWISE_API_KEY", "k"), "(set, 1 bytes, hidden)");
+        assert_eq!(mask("REFRESH_TOKEN_DAYS", "7"), "7");
+        assert_eq!(
+            mask("DATABASE_URL", "postgresql://u:hunter2@db:5432/x"),
+            "postgresql://u:***@db:5432/x"
+        );
+        assert_eq!(
+            mask("DATABASE_URL", "postgresql://u@db/x"),
+            "postgresql://u@db/x"
+        );
+    }
+
+    #[test]
+    fn pingora_keys_come_from_its_own_configuration() {
+        let keys = pingora_keys();
+        for k in [
+            "version",
+            "threads",
+            "pid_file",
+            "upgrade_sock",
+            "work_stealing",
+        ] {
+            assert!(keys.contains(k), "{k} missing from {keys:?}");
+        }
+        assert!(!keys.contains("flowise_api_url"));
+    }
 
     #[test]
     fn flowise_urls_parse() {

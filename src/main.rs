@@ -1,6 +1,7 @@
 //! `flowise-proxy`: an edge proxy in front of Flowise adding per-user login,
 //! chatflow grants, prepaid credits and metrics. See README.md.
 
+mod access;
 mod access_log;
 mod api;
 mod app;
@@ -10,9 +11,11 @@ mod cli;
 mod config;
 mod errors;
 mod ledger;
+mod limits;
 mod listen_socket;
 mod metrics;
 mod proxy;
+mod route;
 mod server;
 mod sessions;
 mod store;

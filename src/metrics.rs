@@ -119,6 +119,11 @@ metric!(CATALOG_SYNCS: IntCounterVec = register_int_counter_vec!(
     &["outcome"]
 ));
 
+metric!(ACCESS_LOG_DROPPED: IntCounter = register_int_counter!(
+    "flowise_proxy_access_log_dropped_total",
+    "Access-log lines dropped because stdout's reader fell behind"
+));
+
 /// Status class label: "2xx", "4xx", ... ("none" when nothing was sent).
 pub fn status_class(status: u16) -> &'static str {
     match status {
@@ -153,7 +158,64 @@ pub fn init() {
     Lazy::force(&DB_ERRORS);
     Lazy::force(&DB_POOL);
     Lazy::force(&CATALOG_SYNCS);
-    for kind in ["held", "captured", "voided", "expired"] {
-        CREDITS.with_label_values(&[kind]);
+    Lazy::force(&ACCESS_LOG_DROPPED);
+    // Every documented series exists from start-up (at zero), so that rates,
+    // alerts and dashboards have data before the first event.
+    let labelled: [(&IntCounterVec, &[&str]); 7] = [
+        (&CREDITS, &["held", "captured", "voided", "expired"]),
+        (
+            &UPSTREAM_ERRORS,
+            &["no_healthy", "connect", "timeout", "read"],
+        ),
+        (
+            &AUTH_FAILURES,
+            &[
+                "missing",
+                "malformed",
+                "expired",
+                "bad_signature",
+                "revoked",
+                "unknown_user",
+                "inactive",
+                "bad_api_key",
+                "invalid_credentials",
+                "throttled",
+                "refresh_invalid",
+                "refresh_reuse",
+            ],
+        ),
+        (&LOGINS, &["success", "failure"]),
+        (&SNAPSHOT_RELOADS, &["startup", "notify", "periodic"]),
+        (
+            &LEDGER_ERRORS,
+            &["hold", "settle", "sweep", "renew", "late_capture"],
+        ),
+        (&DB_ERRORS, &["pool", "query"]),
+    ];
+    for (vec, labels) in labelled {
+        for l in labels {
+            vec.with_label_values(&[l]);
+        }
+    }
+    for l in ["ok", "failed", "empty"] {
+        CATALOG_SYNCS.with_label_values(&[l]);
+    }
+    for l in ["captured", "voided"] {
+        SETTLEMENT_LAG_SECONDS.with_label_values(&[l]);
+    }
+    for l in ["size", "available", "waiting", "max"] {
+        DB_POOL.with_label_values(&[l]);
+    }
+    // Requests and latencies by route: the routes that carry traffic to Flowise.
+    for route in ROUTES_TO_FLOWISE {
+        REQUEST_SECONDS.with_label_values(&[route]);
+        UPSTREAM_SECONDS.with_label_values(&[route]);
+        TTFB_SECONDS.with_label_values(&[route]);
+        for class in ["2xx", "4xx", "5xx"] {
+            REQUESTS.with_label_values(&[route, "POST", class]);
+        }
     }
 }
+
+/// Route labels pre-created at start-up (see `init`).
+const ROUTES_TO_FLOWISE: [&str; 2] = ["chat_predict", "flowise_prediction"];

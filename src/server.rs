@@ -43,10 +43,11 @@ pub fn run(opt: Opt, cfg: Config) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+    let mut proxy = crate::limits::proxy_service(
         &server.configuration,
         FlowiseProxy { app: app.clone() },
         "flowise-proxy",
+        &cfg.client_limits,
     );
     proxy.add_tcp(&cfg.listen_addr());
     server.add_service(proxy);
@@ -127,6 +128,7 @@ impl BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let app = self.app.clone();
         tokio::spawn(crate::listen_socket::defer_accept(app.cfg.port));
+        tokio::spawn(crate::limits::run_memory_trimmer());
         let snapshot = app.auth.snapshot.clone();
         if let Err(e) = snapshot.reload(&app.db, "startup").await {
             log::warn!("initial identity snapshot failed: {e}");
@@ -138,6 +140,7 @@ impl BackgroundService for Maintenance {
         );
         tokio::spawn(snapshot.run_listener(app.cfg.database_url.clone()));
         tokio::spawn(app.ledger.clone().run_settler());
+        tokio::spawn(app.ledger.clone().run_renewer(app.cfg.hold_ttl));
         tokio::spawn(
             app.ledger
                 .clone()
@@ -215,6 +218,7 @@ async fn wait_idle(app: &App, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     app.ledger.drain(Duration::from_secs(10)).await;
+    crate::access_log::flush(Duration::from_secs(2));
 }
 
 /// Ends the process once idle, instead of sleeping out Pingora's whole grace

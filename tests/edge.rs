@@ -305,3 +305,53 @@ async fn metrics_are_exposed() {
         "access log line"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_never_blocks_requests() {
+    let w = World::start().await;
+    w.proxy.pause_stdout(true);
+    // Far more access-log lines than a pipe holds (64 KiB, ~250 lines).
+    let http = support::proxy::client();
+    for chunk in 0..60 {
+        let futs = (0..100).map(|_| {
+            let http = http.clone();
+            let url = w.url("/");
+            async move {
+                tokio::time::timeout(Duration::from_secs(20), http.get(url).send())
+                    .await
+                    .map(|r| r.map(|r| r.status().as_u16()).unwrap_or(0))
+                    .unwrap_or(0)
+            }
+        });
+        let statuses = futures::future::join_all(futs).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "batch {chunk}: requests blocked behind the log: {statuses:?}"
+        );
+    }
+    let metrics = http
+        .get(format!("{}/metrics", w.proxy.metrics_url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let dropped: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("flowise_proxy_access_log_dropped_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("dropped counter");
+    assert!(dropped > 0.0, "lost lines are counted");
+    w.proxy.pause_stdout(false);
+    assert!(
+        w.proxy
+            .wait_for_stdout(
+                |l| l.contains("\"route\":\"root\""),
+                Duration::from_secs(20)
+            )
+            .await,
+        "logging resumes"
+    );
+}

@@ -3,29 +3,29 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{page, parse_body, ApiResult, Reply};
+use super::{page, parse_body, ApiResult, Call, Reply};
 use crate::app::App;
 use crate::auth::password;
 use crate::errors::ApiError;
-use crate::proxy::route::AdminRoute;
-use crate::proxy::Ctx;
-use crate::store::{self, ledger::Adjusted};
+use crate::ledger::{self, Adjusted};
+use crate::route::AdminRoute;
+use crate::store;
 use crate::validate;
 
 async fn audit(
     app: &App,
-    ctx: &Ctx,
+    call: &Call,
     action: &str,
     target: String,
     details: Value,
 ) -> Result<(), ApiError> {
     store::identity::audit(
         &app.db,
-        ctx.user_id(),
+        call.user_id(),
         action,
         &target,
         &details,
-        &ctx.request_id,
+        &call.request_id,
     )
     .await?;
     Ok(())
@@ -36,12 +36,12 @@ async fn audit(
 /// answer goes out (other instances follow through NOTIFY).
 async fn audit_identity_change(
     app: &App,
-    ctx: &Ctx,
+    call: &Call,
     action: &str,
     target: String,
     details: Value,
 ) -> Result<(), ApiError> {
-    audit(app, ctx, action, target, details).await?;
+    audit(app, call, action, target, details).await?;
     app.auth.snapshot.refresh_now().await;
     Ok(())
 }
@@ -123,23 +123,23 @@ async fn resolve_user(app: &App, body: &GrantBody) -> Result<i64, ApiError> {
     Err(ApiError::validation("user_id or username is required"))
 }
 
-pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
+pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
     use AdminRoute::*;
-    let (limit, offset) = page(ctx.query.as_deref());
+    let (limit, offset) = page(call.query.as_deref());
     match route {
         ListUsers => Ok(Reply::ok(json!(
             store::identity::list_users(&app.db, limit, offset).await?
         ))),
         GetUser(id) => {
             let u = store::identity::get_user(&app.db, id).await?;
-            let (available, held) = store::ledger::balance(&app.db, id).await?.unwrap_or((0, 0));
+            let (available, held) = ledger::balance(&app.db, id).await?.unwrap_or((0, 0));
             let mut v = json!(u);
             v["credits"] = json!(available);
             v["held"] = json!(held);
             Ok(Reply::ok(v))
         }
         CreateUser => {
-            let b: NewUser = parse_body(ctx)?;
+            let b: NewUser = parse_body(call)?;
             validate::username(&b.username)?;
             validate::password(&b.password)?;
             validate::role(&b.role)?;
@@ -152,7 +152,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                     .await?;
             audit_identity_change(
                 app,
-                ctx,
+                call,
                 "user.create",
                 format!("user:{}", u.id),
                 json!({"username": u.username, "role": u.role}),
@@ -161,7 +161,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             Ok(Reply::with_status(201, json!(u)))
         }
         PatchUser(id) => {
-            let b: UserPatch = parse_body(ctx)?;
+            let b: UserPatch = parse_body(call)?;
             if let Some(r) = &b.role {
                 validate::role(r)?;
             }
@@ -186,7 +186,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             .await?;
             audit_identity_change(
                 app,
-                ctx,
+                call,
                 "user.update",
                 format!("user:{id}"),
                 json!({"role": b.role, "active": b.active, "password_changed": h.is_some()}),
@@ -198,23 +198,27 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             // Deactivate: the ledger keeps its history.
             let u =
                 store::identity::update_user(&app.db, id, None, Some(false), None, None).await?;
-            audit_identity_change(app, ctx, "user.deactivate", format!("user:{id}"), json!({}))
-                .await?;
+            audit_identity_change(
+                app,
+                call,
+                "user.deactivate",
+                format!("user:{id}"),
+                json!({}),
+            )
+            .await?;
             Ok(Reply::ok(json!(u)))
         }
         UserCredits(id) => {
-            let b: CreditChange = parse_body(ctx)?;
+            let b: CreditChange = parse_body(call)?;
             validate::credit_change(b.amount, &b.reason, Some(&b.idempotency_key))?;
             store::identity::get_user(&app.db, id).await?;
-            let kind = if b.amount > 0 { "grant" } else { "adjust" };
-            let res = store::ledger::adjust(
+            let res = ledger::change_balance(
                 &app.db,
                 id,
                 b.amount,
-                kind,
                 &b.reason,
                 Some(&b.idempotency_key),
-                ctx.user_id(),
+                call.user_id(),
             )
             .await?;
             let (available, replayed) = match res {
@@ -222,7 +226,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 Adjusted::Replayed { available } => (available, true),
             };
             if !replayed {
-                audit(app, ctx, "credits.change", format!("user:{id}"),
+                audit(app, call, "credits.change", format!("user:{id}"),
                     json!({"amount": b.amount, "reason": b.reason, "idempotency_key": b.idempotency_key})).await?;
             }
             Ok(Reply::ok(
@@ -237,8 +241,8 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             ))
         }
         CreateApiKey(id) => {
-            let b: NewKey = if ctx.body.is_some() {
-                parse_body(ctx)?
+            let b: NewKey = if call.body.is_some() {
+                parse_body(call)?
             } else {
                 NewKey::default()
             };
@@ -257,7 +261,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             .await?;
             audit_identity_change(
                 app,
-                ctx,
+                call,
                 "apikey.create",
                 format!("user:{id}"),
                 json!({"key_id": key_id, "prefix": k.prefix}),
@@ -272,7 +276,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             let owner = store::identity::revoke_api_key(&app.db, key_id).await?;
             audit_identity_change(
                 app,
-                ctx,
+                call,
                 "apikey.revoke",
                 format!("apikey:{key_id}"),
                 json!({"user_id": owner}),
@@ -285,7 +289,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             let n = crate::catalog::sync(app).await?;
             audit(
                 app,
-                ctx,
+                call,
                 "chatflows.sync",
                 "chatflows".into(),
                 json!({"count": n}),
@@ -296,7 +300,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             ))
         }
         PatchChatflow(id) => {
-            let b: Pricing = parse_body(ctx)?;
+            let b: Pricing = parse_body(call)?;
             for v in [b.credit_cost, b.credits_per_1k_tokens]
                 .into_iter()
                 .flatten()
@@ -319,7 +323,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
                 b.max_hold,
             )
             .await?;
-            audit_identity_change(app, ctx, "chatflow.pricing", format!("chatflow:{id}"),
+            audit_identity_change(app, call, "chatflow.pricing", format!("chatflow:{id}"),
                 json!({"credit_cost": c.credit_cost, "credits_per_1k_tokens": c.credits_per_1k_tokens, "max_hold": c.max_hold})).await?;
             Ok(Reply::ok(json!(c)))
         }
@@ -327,7 +331,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             store::identity::chatflow_users(&app.db, &id).await?
         ))),
         GrantChatflow(id) => {
-            let b: GrantBody = parse_body(ctx)?;
+            let b: GrantBody = parse_body(call)?;
             let user_id = resolve_user(app, &b).await?;
             if !app.auth.snapshot.get().chatflows.contains_key(&id) {
                 return Err(ApiError::not_found());
@@ -335,7 +339,7 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             let created = store::identity::grant(&app.db, user_id, &id).await?;
             audit_identity_change(
                 app,
-                ctx,
+                call,
                 "grant.add",
                 format!("chatflow:{id}"),
                 json!({"user_id": user_id}),
@@ -347,19 +351,19 @@ pub async fn handle(app: &App, ctx: &Ctx, route: AdminRoute) -> ApiResult {
             ))
         }
         RevokeChatflow(id) => {
-            let b: GrantBody = if ctx.body.is_some() {
-                parse_body(ctx)?
+            let b: GrantBody = if call.body.is_some() {
+                parse_body(call)?
             } else {
                 GrantBody {
-                    user_id: crate::api::drop_in_query_i64(ctx, "user_id"),
-                    username: crate::api::drop_in_query(ctx, "username"),
+                    user_id: crate::api::drop_in_query_i64(call, "user_id"),
+                    username: crate::api::drop_in_query(call, "username"),
                 }
             };
             let user_id = resolve_user(app, &b).await?;
             let removed = store::identity::revoke_grant(&app.db, user_id, &id).await?;
             audit_identity_change(
                 app,
-                ctx,
+                call,
                 "grant.remove",
                 format!("chatflow:{id}"),
                 json!({"user_id": user_id}),

@@ -3,16 +3,15 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{flowise_call, page, parse_body, ApiResult, Reply};
+use super::{flowise_call, page, parse_body, ApiResult, Call, Reply};
 use crate::app::App;
 use crate::auth::Identity;
 use crate::errors::ApiError;
 use crate::ledger::Price;
-use crate::proxy::Ctx;
 use crate::store;
 
-fn identity(ctx: &Ctx) -> Result<&Identity, ApiError> {
-    ctx.identity.as_ref().ok_or_else(ApiError::unauthorized)
+fn identity(call: &Call) -> Result<&Identity, ApiError> {
+    call.identity.as_ref().ok_or_else(ApiError::unauthorized)
 }
 
 #[derive(Deserialize)]
@@ -21,8 +20,8 @@ struct Login {
     password: String,
 }
 
-pub async fn authenticate(app: &App, ctx: &Ctx) -> ApiResult {
-    let body: Login = parse_body(ctx)?;
+pub async fn authenticate(app: &App, call: &Call) -> ApiResult {
+    let body: Login = parse_body(call)?;
     if body.username.is_empty()
         || body.username.len() > 64
         || body.password.len() > 1024
@@ -31,7 +30,7 @@ pub async fn authenticate(app: &App, ctx: &Ctx) -> ApiResult {
         // Same answer as any other failure.
         return Err(ApiError::invalid_credentials());
     }
-    let ip = ctx.client_ip.clone().unwrap_or_default();
+    let ip = call.client_ip.clone().unwrap_or_default();
     let (pair, user) = app
         .auth
         .login(&app.db, &body.username, &body.password, &ip)
@@ -50,8 +49,8 @@ struct RefreshBody {
     refresh_token: String,
 }
 
-pub async fn refresh(app: &App, ctx: &Ctx) -> ApiResult {
-    let body: RefreshBody = parse_body(ctx)?;
+pub async fn refresh(app: &App, call: &Call) -> ApiResult {
+    let body: RefreshBody = parse_body(call)?;
     let (pair, user_id, role) = app.auth.refresh(&app.db, &body.refresh_token).await?;
     Ok(Reply::ok(json!({
         "access_token": pair.access_token,
@@ -69,10 +68,10 @@ struct RevokeBody {
     all: bool,
 }
 
-pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
-    let body: RevokeBody = if ctx.body.is_some() {
-        parse_body(ctx)?
+pub async fn revoke(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let body: RevokeBody = if call.body.is_some() {
+        parse_body(call)?
     } else {
         RevokeBody {
             refresh_token: None,
@@ -86,16 +85,16 @@ pub async fn revoke(app: &App, ctx: &Ctx) -> ApiResult {
 }
 
 /// `GET /chat/api-keys`: the caller's active keys (never their secrets).
-pub async fn api_keys(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
+pub async fn api_keys(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
     let keys = store::identity::list_own_api_keys(&app.db, who.user_id).await?;
     Ok(Reply::ok(Value::Array(keys)))
 }
 
 /// `DELETE /chat/api-keys/{id}`: revokes one of the caller's own keys (404
 /// for anyone else's), in force here at once and elsewhere within a second.
-pub async fn api_key_revoke(app: &App, ctx: &Ctx, key_id: i64) -> ApiResult {
-    let who = identity(ctx)?;
+pub async fn api_key_revoke(app: &App, call: &Call, key_id: i64) -> ApiResult {
+    let who = identity(call)?;
     store::identity::revoke_own_api_key(&app.db, who.user_id, key_id).await?;
     store::identity::audit(
         &app.db,
@@ -103,36 +102,35 @@ pub async fn api_key_revoke(app: &App, ctx: &Ctx, key_id: i64) -> ApiResult {
         "apikey.revoke",
         &format!("apikey:{key_id}"),
         &json!({"user_id": who.user_id, "by": "owner"}),
-        &ctx.request_id,
+        &call.request_id,
     )
     .await?;
     app.auth.snapshot.refresh_now().await;
     Ok(Reply::ok(json!({"revoked": true, "id": key_id})))
 }
 
-pub async fn credits(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
-    let (available, held) = store::ledger::balance(&app.db, who.user_id)
+pub async fn credits(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let (available, held) = crate::ledger::balance(&app.db, who.user_id)
         .await?
         .unwrap_or((0, 0));
     Ok(Reply::ok(json!({"credits": available, "held": held})))
 }
 
-pub async fn sessions(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
-    let (limit, offset) = page(ctx.query.as_deref());
+pub async fn sessions(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let (limit, offset) = page(call.query.as_deref());
     let rows = store::sessions::list(&app.db, who.user_id, limit, offset).await?;
     Ok(Reply::ok(Value::Array(rows)))
 }
 
 /// The caller's session `id`: its chatflow and the Flowise path of its
 /// messages. 404 when it is unknown or someone else's.
-async fn owned_session_messages(
+pub async fn owned_session_messages(
     app: &App,
-    ctx: &Ctx,
+    who: &Identity,
     id: &str,
 ) -> Result<(String, String), ApiError> {
-    let who = identity(ctx)?;
     let chatflow = app
         .sessions
         .owned(&app.db, id, who.user_id)
@@ -140,18 +138,18 @@ async fn owned_session_messages(
         .ok_or_else(ApiError::not_found)?;
     let path = format!(
         "/api/v1/chatmessage/{chatflow}?chatId={}",
-        crate::proxy::route_urlencode(id)
+        crate::route::urlencode(id)
     );
     Ok((chatflow, path))
 }
 
-pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let (chatflow, path) = owned_session_messages(app, ctx, id).await?;
-    let (status, body) = flowise_call(app, ctx, "GET", &path).await?;
-    if !(200..300).contains(&status) {
-        return Err(ApiError::upstream_error());
-    }
-    let rows: Vec<Value> = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
+/// Flowise's messages of one conversation in the seed API's shape (the
+/// answer of `GET /chat/sessions/{id}/history`, rewritten as it passes).
+pub fn history(id: &str, chatflow: &str, flowise_rows: Value) -> Value {
+    let rows = match flowise_rows {
+        Value::Array(rows) => rows,
+        _ => Vec::new(),
+    };
     let mut messages: Vec<Value> = rows
         .into_iter()
         .filter(|m| {
@@ -185,15 +183,13 @@ pub async fn session_history(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
         };
         t(a).cmp(&t(b))
     });
-    Ok(Reply::ok(
-        json!({"session_id": id, "chatflow_id": chatflow, "messages": messages}),
-    ))
+    json!({"session_id": id, "chatflow_id": chatflow, "messages": messages})
 }
 
-pub async fn session_delete(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let who = identity(ctx)?;
-    let (_, path) = owned_session_messages(app, ctx, id).await?;
-    let (status, _) = flowise_call(app, ctx, "DELETE", &path).await?;
+pub async fn session_delete(app: &App, call: &Call, id: &str) -> ApiResult {
+    let who = identity(call)?;
+    let (_, path) = owned_session_messages(app, who, id).await?;
+    let (status, _) = flowise_call(app, call, "DELETE", &path).await?;
     if !(200..300).contains(&status) && status != 404 {
         return Err(ApiError::upstream_error());
     }
@@ -211,8 +207,8 @@ fn chatflow_json(app: &App, c: &store::catalog::ChatflowRow) -> Value {
     })
 }
 
-pub fn chatflows(app: &App, ctx: &Ctx) -> ApiResult {
-    let who = identity(ctx)?;
+pub fn chatflows(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
     let snap = app.auth.snapshot.get();
     let mut list: Vec<&store::catalog::ChatflowRow> = snap
         .chatflows
@@ -230,27 +226,4 @@ pub fn chatflow(app: &App, id: &str) -> ApiResult {
     let snap = app.auth.snapshot.get();
     let c = snap.chatflow(id).ok_or_else(ApiError::not_found)?;
     Ok(Reply::ok(chatflow_json(app, c)))
-}
-
-pub async fn chatflow_config(app: &App, ctx: &Ctx, id: &str) -> ApiResult {
-    let (status, body) = flowise_call(
-        app,
-        ctx,
-        "GET",
-        &format!("/api/v1/public-chatbotConfig/{id}"),
-    )
-    .await?;
-    if !(200..300).contains(&status) {
-        return Err(if status == 404 || status == 500 {
-            ApiError::not_found()
-        } else {
-            ApiError::upstream_error()
-        });
-    }
-    let mut v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::upstream_error())?;
-    if let Value::Object(m) = &mut v {
-        // The flow's internals (nodes, credentials ids, prompts) stay private.
-        m.remove("flowData");
-    }
-    Ok(Reply::ok(v))
 }

@@ -11,9 +11,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use crate::app::App;
+use crate::auth::Identity;
 use crate::errors::ApiError;
-use crate::proxy::route::Route;
-use crate::proxy::Ctx;
+use crate::route::Route;
 use crate::upstream::ForwardMeta;
 
 pub struct Reply {
@@ -33,38 +33,46 @@ impl Reply {
             headers: Vec::new(),
         }
     }
-    pub fn raw_json(status: u16, body: Vec<u8>) -> Reply {
-        Reply {
-            status,
-            body,
-            headers: Vec::new(),
-        }
-    }
 }
 
 pub type ApiResult = Result<Reply, ApiError>;
 
-pub async fn handle(app: &App, ctx: &mut Ctx) -> ApiResult {
-    match ctx.route.clone() {
+/// What a handler knows of its request: typed, owned, independent of the
+/// proxy's per-request context.
+pub struct Call {
+    pub route: Route,
+    pub identity: Option<Identity>,
+    pub query: Option<String>,
+    /// The body, read whole (bounded) for the proxy's own endpoints.
+    pub body: Option<Bytes>,
+    pub client_ip: Option<String>,
+    pub request_id: String,
+}
+
+impl Call {
+    pub fn user_id(&self) -> Option<i64> {
+        self.identity.as_ref().map(|i| i.user_id)
+    }
+}
+
+pub async fn handle(app: &App, call: &Call) -> ApiResult {
+    match call.route.clone() {
         Route::Root => Ok(Reply::ok(json!({
             "service": "flowise-proxy", "version": env!("CARGO_PKG_VERSION"), "status": "running"
         }))),
         Route::Health => health(app).await,
         Route::Info => Ok(Reply::ok(info(app))),
-        Route::Authenticate => chat::authenticate(app, ctx).await,
-        Route::Refresh => chat::refresh(app, ctx).await,
-        Route::Revoke => chat::revoke(app, ctx).await,
-        Route::ApiKeys => chat::api_keys(app, ctx).await,
-        Route::ApiKeyRevoke(id) => chat::api_key_revoke(app, ctx, id).await,
-        Route::Credits => chat::credits(app, ctx).await,
-        Route::Sessions => chat::sessions(app, ctx).await,
-        Route::SessionHistory(id) => chat::session_history(app, ctx, &id).await,
-        Route::SessionDelete(id) => chat::session_delete(app, ctx, &id).await,
-        Route::Chatflows => chat::chatflows(app, ctx),
+        Route::Authenticate => chat::authenticate(app, call).await,
+        Route::Refresh => chat::refresh(app, call).await,
+        Route::Revoke => chat::revoke(app, call).await,
+        Route::ApiKeys => chat::api_keys(app, call).await,
+        Route::ApiKeyRevoke(id) => chat::api_key_revoke(app, call, id).await,
+        Route::Credits => chat::credits(app, call).await,
+        Route::Sessions => chat::sessions(app, call).await,
+        Route::SessionDelete(id) => chat::session_delete(app, call, &id).await,
+        Route::Chatflows => chat::chatflows(app, call),
         Route::Chatflow(id) => chat::chatflow(app, &id),
-        Route::ChatflowConfig(id) => chat::chatflow_config(app, ctx, &id).await,
-        Route::FlowiseChatflows => drop_in::chatflows(app, ctx).await,
-        Route::Admin(r) => admin::handle(app, ctx, r).await,
+        Route::Admin(r) => admin::handle(app, call, r).await,
         _ => Err(ApiError::not_found()),
     }
 }
@@ -74,13 +82,15 @@ async fn health(app: &App) -> ApiResult {
     crate::store::record_pool_metrics(&app.db);
     let upstreams = app.upstreams.health();
     let flowise = upstreams.iter().any(|h| *h);
+    let key_rejected = crate::catalog::key::state() == crate::catalog::key::KeyState::Rejected;
     let draining = app.is_draining();
-    let ready = database && flowise && !draining && app.auth.snapshot.is_loaded();
+    let ready = database && flowise && !key_rejected && !draining && app.auth.snapshot.is_loaded();
     let status = if ready { "healthy" } else { "unhealthy" };
     let body = json!({
         "status": status,
         "database": if database { "ok" } else { "unreachable" },
-        "flowise": { "healthy": upstreams.iter().filter(|h| **h).count(), "total": upstreams.len() },
+        "flowise": match (key_rejected, flowise) { (true, _) => "key_rejected", (_, true) => "ok", _ => "unreachable" },
+        "flowise_servers": { "healthy": upstreams.iter().filter(|h| **h).count(), "total": upstreams.len() },
         "draining": draining,
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -101,8 +111,8 @@ fn info(app: &App) -> Value {
 }
 
 /// Parses a JSON request body: 400 when it is not JSON, 422 when it does not fit.
-pub fn parse_body<T: DeserializeOwned>(ctx: &Ctx) -> Result<T, ApiError> {
-    let raw = ctx.body.as_deref().unwrap_or_default();
+pub fn parse_body<T: DeserializeOwned>(call: &Call) -> Result<T, ApiError> {
+    let raw = call.body.as_deref().unwrap_or_default();
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid_json("A JSON body is required"));
     }
@@ -122,10 +132,10 @@ fn validation_message(e: &serde_json::Error) -> String {
 }
 
 /// `?limit=&offset=` with bounds.
-pub fn page(ctx_query: Option<&str>) -> (i64, i64) {
+pub fn page(query: Option<&str>) -> (i64, i64) {
     let mut limit = 50;
     let mut offset = 0;
-    for (k, v) in url::form_urlencoded::parse(ctx_query.unwrap_or("").as_bytes()) {
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match k.as_ref() {
             "limit" => limit = v.parse().unwrap_or(50),
             "offset" => offset = v.parse().unwrap_or(0),
@@ -138,15 +148,15 @@ pub fn page(ctx_query: Option<&str>) -> (i64, i64) {
 /// Calls Flowise for the proxy's own endpoints and returns (status, body).
 pub async fn flowise_call(
     app: &App,
-    ctx: &Ctx,
+    call: &Call,
     method: &str,
     path_and_query: &str,
 ) -> Result<(u16, Bytes), ApiError> {
     let req = RequestHeader::build(method, path_and_query.as_bytes(), None)
         .map_err(|_| ApiError::internal())?;
     let meta = ForwardMeta {
-        request_id: &ctx.request_id,
-        client_ip: ctx.client_ip.clone(),
+        request_id: &call.request_id,
+        client_ip: call.client_ip.clone(),
     };
     let mut resp = app
         .upstreams
@@ -159,12 +169,12 @@ pub async fn flowise_call(
     Ok((status, body))
 }
 
-pub fn drop_in_query(ctx: &Ctx, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(ctx.query.as_deref().unwrap_or("").as_bytes())
+pub fn drop_in_query(call: &Call, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(call.query.as_deref().unwrap_or("").as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
 }
 
-pub fn drop_in_query_i64(ctx: &Ctx, name: &str) -> Option<i64> {
-    drop_in_query(ctx, name).and_then(|v| v.parse().ok())
+pub fn drop_in_query_i64(call: &Call, name: &str) -> Option<i64> {
+    drop_in_query(call, name).and_then(|v| v.parse().ok())
 }

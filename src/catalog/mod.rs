@@ -1,7 +1,9 @@
 //! The chatflow catalogue, synced from Flowise (`GET /api/v1/chatflows` with the
 //! Flowise key) at start-up, periodically and on demand. A failed or empty answer
 //! never wipes what we have; chatflows that disappear are marked deleted and
-//! keep their grants.
+//! keep their grants. Flowise rejecting the key is recorded in [`key`].
+
+pub mod key;
 
 use bytes::Bytes;
 use pingora_http::RequestHeader;
@@ -53,9 +55,15 @@ async fn fetch(app: &App) -> Result<Vec<SyncedChatflow>, ApiError> {
     let body = resp.read_all(64 << 20).await.map_err(|f| f.api_error())?;
     let status = resp.status();
     resp.release().await;
+    let key_set = app.cfg.flowise_api_key.is_some();
+    if key::is_rejection(status) {
+        key::rejected("GET /api/v1/chatflows (catalogue sync)", status, key_set);
+        return Err(key::rejected_error(status, key_set));
+    }
     if status != 200 {
         return Err(ApiError::upstream_error());
     }
+    key::accepted();
     parse_list(&body).ok_or_else(ApiError::upstream_error)
 }
 

@@ -7,12 +7,16 @@
 //!   (or refuses: 402) before Flowise is called.
 //! * Settlement: exactly once per hold, off the response path, through a queue
 //!   that retries until the database has it:
-//!   captured when Flowise answered successfully (also when the client walked
-//!   away after the answer began); voided when Flowise was never reached,
-//!   answered an error status, timed out before answering, or reported an
-//!   `error` event in its stream.
-//! * Expiry: holds never settled (the instance died) are voided by the sweeper
-//!   after `HOLD_TTL_SECONDS`; any number of instances may sweep at once.
+//!   see `settlement` for the rule (captured when Flowise completed a
+//!   successful answer, or the client walked away after it began; voided
+//!   otherwise).
+//! * Lifetime: a hold never expires while its request runs: the instance
+//!   serving it renews it every third of `HOLD_TTL_SECONDS`. Holds never
+//!   settled (the instance died, so renewal stopped) are voided by the sweeper
+//!   `HOLD_TTL_SECONDS` after their last renewal; any number of instances may
+//!   sweep at once. A capture that finds its hold already expired is logged
+//!   and counted (`ledger_errors_total{op="late_capture"}`), never dropped
+//!   silently.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -76,15 +80,60 @@ pub struct UpstreamOutcome {
     /// Flowise's response status, when a response header arrived.
     pub status: Option<u16>,
     pub seen: Observation,
+    /// Flowise's answer reached its end (by its HTTP framing).
+    pub completed: bool,
+    /// The client went away after Flowise began answering.
+    pub client_left: bool,
+    /// Flowise broke its answer off (read error, or closed before the end).
+    pub broken: bool,
 }
 
 /// The settlement rule: `Some(amount)` to capture, `None` to void.
+///
+/// Captured when Flowise answered successfully and either completed its
+/// answer or the client walked away after it began answering. Voided when
+/// Flowise was never reached or never answered (timeout, client gone first),
+/// answered an error status, reported an `error` event, or broke its answer
+/// off before its end.
 pub fn settlement(price: &Price, outcome: &UpstreamOutcome) -> Option<i64> {
     let status = outcome.status?;
-    if !(200..300).contains(&status) || outcome.seen.error {
+    if !(200..300).contains(&status) || outcome.seen.error || outcome.broken {
+        return None;
+    }
+    if !(outcome.completed || outcome.client_left) {
         return None;
     }
     Some(price.charge(&outcome.seen))
+}
+
+pub use crate::store::ledger::Adjusted;
+
+/// A credit change by an admin or the CLI: a top-up (`grant`, amount > 0) or a
+/// correction (`adjust`, amount < 0), idempotent by key; never below zero.
+pub async fn change_balance(
+    db: &Db,
+    user_id: i64,
+    amount: i64,
+    reason: &str,
+    idempotency_key: Option<&str>,
+    actor_id: Option<i64>,
+) -> Result<Adjusted, StoreError> {
+    if amount == 0 {
+        return Err(StoreError::Conflict("amount must not be zero".into()));
+    }
+    let kind = if amount > 0 { "grant" } else { "adjust" };
+    sql::adjust(db, user_id, amount, kind, reason, idempotency_key, actor_id).await
+}
+
+/// `(available, held)` of one user; `None` for an unknown user.
+pub async fn balance(db: &Db, user_id: i64) -> Result<Option<(i64, i64)>, StoreError> {
+    sql::balance(db, user_id).await
+}
+
+/// The books check behind `flowise-proxy ledger verify`: every balance equals
+/// the sum of its ledger rows, and no open hold outlived its lifetime.
+pub async fn verify(db: &Db, hold_ttl: Duration) -> Result<Vec<String>, StoreError> {
+    sql::verify(db, hold_ttl.as_secs_f64()).await
 }
 
 /// A placed hold, carried in the request context until settlement.
@@ -112,6 +161,8 @@ struct Job {
 
 pub struct Ledger {
     db: Db,
+    /// Holds of requests in flight on this instance (renewed until settled).
+    live: Mutex<std::collections::HashMap<Uuid, i64>>,
     queue: Mutex<VecDeque<Job>>,
     wake: Notify,
     depth: AtomicUsize,
@@ -121,6 +172,7 @@ impl Ledger {
     pub fn new(db: Db) -> Arc<Ledger> {
         Arc::new(Ledger {
             db,
+            live: Mutex::new(std::collections::HashMap::new()),
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             depth: AtomicUsize::new(0),
@@ -141,6 +193,7 @@ impl Ledger {
         let id = Uuid::now_v7();
         match sql::place_hold(&self.db, id, request_id, user_id, chatflow_id, price.hold).await {
             Ok(Some(available_after)) => {
+                self.live.lock().insert(id, user_id);
                 crate::metrics::CREDITS
                     .with_label_values(&["held"])
                     .inc_by(price.hold as u64);
@@ -170,6 +223,9 @@ impl Ledger {
             Some(a) => (SettleKind::Capture, a),
             None => (SettleKind::Void, 0),
         };
+        // Settled (queued): no longer renewed. The queue retries until the
+        // database has it, within the hold's lifetime in all but a long outage.
+        self.live.lock().remove(&hold.id);
         self.queue.lock().push_back(Job {
             hold_id: hold.id,
             kind,
@@ -240,15 +296,30 @@ impl Ledger {
         )
         .await;
         for (job, r) in batch.iter().zip(results) {
-            let kept = r?;
+            let settled = r?;
             let label = match job.kind {
                 SettleKind::Capture => "captured",
                 _ => "voided",
             };
-            if let Some(kept) = kept {
+            // Captured: what was kept; voided: what was given back.
+            if settled.is_none() && job.kind == SettleKind::Capture && job.amount > 0 {
+                crate::metrics::LEDGER_ERRORS
+                    .with_label_values(&["late_capture"])
+                    .inc();
+                log::error!(
+                    "capture of {} credits for hold {} found it no longer open (expired): not charged",
+                    job.amount,
+                    job.hold_id
+                );
+            }
+            if let Some((kept, amount)) = settled {
+                let moved = match job.kind {
+                    SettleKind::Capture => kept,
+                    _ => amount,
+                };
                 crate::metrics::CREDITS
                     .with_label_values(&[label])
-                    .inc_by(kept as u64);
+                    .inc_by(moved.max(0) as u64);
             }
             crate::metrics::SETTLEMENT_LAG_SECONDS
                 .with_label_values(&[label])
@@ -270,7 +341,27 @@ impl Ledger {
         true
     }
 
-    /// Voids holds older than the TTL; runs on every instance.
+    /// Renews this instance's in-flight holds every third of the TTL, so that a
+    /// running request's hold never expires however long it runs.
+    pub async fn run_renewer(self: Arc<Self>, ttl: Duration) {
+        let every = (ttl / 3).max(Duration::from_millis(500));
+        loop {
+            tokio::time::sleep(every).await;
+            let (holds, users): (Vec<Uuid>, Vec<i64>) =
+                self.live.lock().iter().map(|(h, u)| (*h, *u)).unzip();
+            if holds.is_empty() {
+                continue;
+            }
+            if let Err(e) = sql::renew(&self.db, &users, &holds).await {
+                crate::metrics::LEDGER_ERRORS
+                    .with_label_values(&["renew"])
+                    .inc();
+                log::warn!("renewing {} in-flight holds failed: {e}", holds.len());
+            }
+        }
+    }
+
+    /// Voids holds not renewed within the TTL; runs on every instance.
     pub async fn run_sweeper(self: Arc<Self>, ttl: Duration, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
@@ -316,8 +407,21 @@ mod tests {
         assert_eq!((p.flat, p.hold), (1, 1));
         let ok = UpstreamOutcome {
             status: Some(200),
-            seen: Observation::default(),
+            completed: true,
+            ..Default::default()
         };
+        let mut broken = ok.clone();
+        broken.completed = false;
+        broken.broken = true;
+        assert_eq!(settlement(&p, &broken), None, "broken off: voided");
+        let mut left = broken.clone();
+        left.broken = false;
+        left.client_left = true;
+        assert_eq!(
+            settlement(&p, &left),
+            Some(1),
+            "client walked away: captured"
+        );
         assert_eq!(settlement(&p, &ok), Some(1));
         assert_eq!(settlement(&p, &UpstreamOutcome::default()), None);
         let err = UpstreamOutcome {

@@ -4,15 +4,19 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use pingora_core::{Error, Result};
-use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 
+use super::body::{BodyFlow, RequestBody, Seen};
 use super::ctx::Ctx;
-use super::route::{Access, Route};
-use super::{predict, relay, respond};
+use super::flowise_route::{self, FlowiseCall};
+use super::{predict, respond};
 use crate::api;
 use crate::app::App;
 use crate::errors::ApiError;
+use crate::route::{Access, Route, Serve};
+use crate::upstream::client::UpstreamFailure;
+use pingora_core::ErrorType;
+use pingora_http::RequestHeader;
 
 pub enum Next {
     /// A response was written: stop here.
@@ -103,53 +107,57 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
             return Err(ApiError::forbidden());
         }
     }
-
-    if has_body(session) {
-        ctx.body = Some(read_body(session, app.cfg.max_body_bytes).await?);
-    }
+    check_declared_length(session, app.cfg.max_body_bytes)?;
 
     if let Some(cf) = ctx.route.chatflow().map(str::to_string) {
-        check_chatflow_access(app, ctx, &cf).await?;
+        crate::access::check_chatflow(app, ctx.identity.as_ref(), &cf).await?;
         ctx.chatflow_id = Some(cf);
     }
 
-    if ctx.route.is_prediction() {
-        predict::run(session, app, ctx).await?;
-        return Ok(Next::Done);
+    match ctx.route.serve() {
+        Serve::Own => {
+            if has_body(session) {
+                ctx.body = Some(read_body(session, app.cfg.max_body_bytes).await?);
+            }
+            let reply = api::handle(app, &call_of(ctx)).await?;
+            respond::json(session, app, ctx, reply.status, reply.body, &reply.headers)
+                .await
+                .map_err(|_| ApiError::internal())?;
+            Ok(Next::Done)
+        }
+        Serve::SeedPrediction => {
+            predict::admit_seed(app, session, ctx).await?;
+            Ok(Next::Proxy)
+        }
+        Serve::DropInPrediction => {
+            predict::admit_drop_in(app, session, ctx).await?;
+            Ok(Next::Proxy)
+        }
+        Serve::Flowise => match flowise_route::decide(app, ctx).await? {
+            FlowiseCall::Forward(path) => {
+                ctx.upstream_path = path;
+                Ok(Next::Proxy)
+            }
+            FlowiseCall::Answered(reply) => {
+                respond::json(session, app, ctx, reply.status, reply.body, &reply.headers)
+                    .await
+                    .map_err(|_| ApiError::internal())?;
+                Ok(Next::Done)
+            }
+        },
     }
-    if !ctx.route.is_pass_through() {
-        let reply = api::handle(app, ctx).await?;
-        respond::json(session, app, ctx, reply.status, reply.body, &reply.headers)
-            .await
-            .map_err(|_| ApiError::internal())?;
-        return Ok(Next::Done);
-    }
-    let req_header = session.req_header().clone();
-    if let Some(reply) = api::drop_in::check(app, ctx, &req_header).await? {
-        respond::json(session, app, ctx, reply.status, reply.body, &reply.headers)
-            .await
-            .map_err(|_| ApiError::internal())?;
-        return Ok(Next::Done);
-    }
-    if let Some(body) = ctx.body.clone() {
-        let mut req = session.req_header().clone();
-        rewrite_pass_through(app, &mut req, ctx).map_err(|_| ApiError::internal())?;
-        relay::relay(session, app, ctx, req, body).await?;
-        return Ok(Next::Done);
-    }
-    Ok(Next::Proxy)
 }
 
-/// Grant check: unknown chatflow 404, not granted 403 (see `Auth::check_chatflow`).
-pub async fn check_chatflow_access(
-    app: &App,
-    ctx: &Ctx,
-    chatflow_id: &str,
-) -> Result<(), ApiError> {
-    let Some(who) = &ctx.identity else {
-        return Ok(()); // open routes (chatflows-streaming) carry no grant
-    };
-    app.auth.check_chatflow(&app.db, who, chatflow_id).await
+/// The typed request a handler in `api/` sees.
+pub fn call_of(ctx: &Ctx) -> api::Call {
+    api::Call {
+        route: ctx.route.clone(),
+        identity: ctx.identity.clone(),
+        query: ctx.query.clone(),
+        body: ctx.body.clone(),
+        client_ip: ctx.client_ip.clone(),
+        request_id: ctx.request_id.clone(),
+    }
 }
 
 fn has_body(session: &Session) -> bool {
@@ -160,10 +168,8 @@ fn has_body(session: &Session) -> bool {
             .is_some_and(|v| v.trim() != "0")
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes (declared or
-/// actually sent, chunked included). Flowise never sees a truncated body: it sees
-/// nothing until the body is complete.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
+/// A declared `Content-Length` over the limit is refused before anything else.
+fn check_declared_length(session: &Session, limit: usize) -> Result<(), ApiError> {
     let declared = session
         .req_header()
         .headers
@@ -171,16 +177,20 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().parse::<usize>());
     match declared {
-        Some(Ok(n)) if n > limit => return Err(ApiError::body_too_large()),
-        Some(Err(_)) => {
-            return Err(ApiError::new(
-                400,
-                "invalid_request",
-                "Invalid Content-Length",
-            ))
-        }
-        _ => {}
+        Some(Ok(n)) if n > limit => Err(ApiError::body_too_large()),
+        Some(Err(_)) => Err(ApiError::new(
+            400,
+            "invalid_request",
+            "Invalid Content-Length",
+        )),
+        _ => Ok(()),
     }
+}
+
+/// Reads a whole request body that the proxy answers itself (or the seed
+/// prediction's), refusing more than `limit` bytes, declared or sent.
+pub async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiError> {
+    check_declared_length(session, limit)?;
     let mut buf = BytesMut::new();
     loop {
         let chunk = tokio::time::timeout(Duration::from_secs(60), session.read_request_body())
@@ -188,8 +198,12 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
             .map_err(|_| {
                 ApiError::new(408, "request_timeout", "Request body not received in time")
             })?
-            .map_err(|_| {
-                ApiError::new(400, "invalid_request", "Could not read the request body")
+            .map_err(|e| match e.etype() {
+                // REQUEST_BODY_TIMEOUT_MS passed (see `limits`).
+                ErrorType::ReadTimedout => {
+                    ApiError::new(408, "request_timeout", "Request body not received in time")
+                }
+                _ => ApiError::new(400, "invalid_request", "Could not read the request body"),
             })?;
         match chunk {
             Some(c) => {
@@ -203,28 +217,119 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Bytes, ApiErro
     }
 }
 
-/// Adjusts a pass-through request: a user's chat message query is limited to
-/// their own conversation.
-pub fn rewrite_pass_through(_app: &App, req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
-    if let (Route::FlowiseChatMessage(_), Some(session_id)) = (&ctx.route, &ctx.forced_session) {
-        let path = req.uri.path().to_string();
-        let uri = format!("{path}?chatId={}", urlencode(session_id));
-        req.set_uri(
-            uri.parse()
-                .map_err(|_| Error::new_str("bad rewritten uri"))?,
-        );
+/// `upstream_request_filter`: the path Flowise is asked for and, for the
+/// seed prediction, the length of its rewritten body.
+pub fn upstream_request(req: &mut RequestHeader, ctx: &Ctx) -> Result<()> {
+    if let Some(path) = &ctx.upstream_path {
+        let uri = path
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        req.set_uri(uri);
+    }
+    match &ctx.upstream_body {
+        RequestBody::Replace(body) => {
+            req.set_method(http::Method::POST);
+            req.remove_header("transfer-encoding");
+            req.remove_header("expect");
+            req.insert_header("Content-Length", body.len().to_string())?;
+            req.insert_header("Content-Type", "application/json")?;
+        }
+        _ if ctx.route.is_drop_in() => {}
+        // Seed reads mapped onto a Flowise GET carry no body.
+        _ => {
+            req.set_method(http::Method::GET);
+            req.remove_header("content-length");
+            req.remove_header("transfer-encoding");
+            req.remove_header("content-type");
+        }
     }
     Ok(())
 }
 
-pub fn urlencode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+/// `request_body_filter`: limits while streaming; a prediction body is
+/// checked before its last byte is released to Flowise.
+pub async fn request_body(
+    app: &App,
+    body: &mut Option<Bytes>,
+    end: bool,
+    ctx: &mut Ctx,
+) -> Result<()> {
+    let mut flow = BodyFlow {
+        plan: &mut ctx.upstream_body,
+        received: &mut ctx.body_received,
+        limit: app.cfg.max_body_bytes,
+    };
+    let outcome = match flow.chunk(body, end).await {
+        Ok(Seen::Complete(conversation)) if ctx.route.serve() == Serve::DropInPrediction => {
+            predict::body_complete(app, ctx, conversation).await
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    outcome.map_err(|e| {
+        ctx.body_error = Some(e);
+        Error::explain(ErrorType::InvalidHTTPHeader, "request body refused")
+    })
 }
 
-/// `logging`: settle the hold, record metrics, write the access-log line.
-pub fn finish(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
+/// `fail_to_proxy`: the contract's error for a request that could not be
+/// proxied; `None` when the client is gone (nothing to answer).
+pub fn proxy_failure(e: &Error, ctx: &mut Ctx) -> Option<ApiError> {
+    if let Some(refused) = ctx.body_error.take() {
+        return Some(refused);
+    }
+    match e.esource() {
+        pingora_core::ErrorSource::Downstream => None,
+        pingora_core::ErrorSource::Upstream => Some(upstream_failed(e, ctx)),
+        _ if matches!(e.etype(), ErrorType::ConnectNoRoute) => Some(upstream_failed(e, ctx)),
+        _ => Some(ApiError::internal()),
+    }
+}
+
+fn upstream_failed(e: &Error, ctx: &mut Ctx) -> ApiError {
+    let f = UpstreamFailure::from_error(e);
+    // Connect failures were counted in `fail_to_connect`, one per attempt.
+    if f != UpstreamFailure::Connect {
+        f.count();
+    }
+    ctx.upstream_failure = Some(f.label());
+    f.api_error()
+}
+
+/// `logging`: settle the hold, bind a new conversation, record metrics and
+/// write the access-log line. Runs for every request, failures included.
+pub async fn finish(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
+    if ctx.upstream.status.is_some() {
+        match e.map(|e| e.esource()) {
+            None => {}
+            // The client went away (or could not be written to) after
+            // Flowise began answering.
+            Some(pingora_core::ErrorSource::Downstream) => ctx.upstream.client_left = true,
+            // Flowise broke its answer off, or we could not pass it on.
+            Some(_) => {
+                ctx.upstream.broken = true;
+                if ctx.upstream_failure.is_none() {
+                    ctx.upstream_failure = Some("read");
+                    crate::metrics::UPSTREAM_ERRORS
+                        .with_label_values(&["read"])
+                        .inc();
+                }
+            }
+        }
+        if let Some(sent) = ctx.upstream_sent {
+            crate::metrics::UPSTREAM_SECONDS
+                .with_label_values(&[ctx.route.name()])
+                .observe(sent.elapsed().as_secs_f64());
+        }
+    }
+    if ctx.answer.is_stream() {
+        crate::metrics::IN_FLIGHT_STREAMS.dec();
+    }
     if let Some(hold) = ctx.hold.take() {
         ctx.credits_charged = Some(app.ledger.settle(&hold, &ctx.upstream));
+    }
+    if ctx.route.is_prediction() && ctx.upstream.completed {
+        predict::bind_new_conversation(app, ctx).await;
     }
     let status = ctx
         .status
@@ -246,22 +351,20 @@ pub fn finish(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
         crate::metrics::IN_FLIGHT.dec();
         ctx.counted = false;
     }
-    crate::access_log::write(
-        app.cfg.log_json,
-        &crate::access_log::Line {
-            request_id: &ctx.request_id,
-            method: &ctx.method,
-            route,
-            status,
-            user_id: ctx.user_id(),
-            chatflow_id: ctx.chatflow_id.as_deref(),
-            credits_charged: ctx.credits_charged,
-            upstream_status: ctx.upstream.status,
-            upstream_error: ctx.upstream_failure,
-            bytes_sent: session.body_bytes_sent(),
-            duration: elapsed,
-        },
-    );
+    crate::access_log::write(&crate::access_log::Line {
+        json: app.cfg.log_json,
+        request_id: &ctx.request_id,
+        method: &ctx.method,
+        route,
+        status,
+        user_id: ctx.user_id(),
+        chatflow_id: ctx.chatflow_id.as_deref(),
+        credits_charged: ctx.credits_charged,
+        upstream_status: ctx.upstream.status,
+        upstream_error: ctx.upstream_failure,
+        bytes_sent: session.body_bytes_sent(),
+        duration: elapsed,
+    });
 }
 
 fn method_label(m: &str) -> &'static str {

@@ -1,148 +1,150 @@
-//! A debited prediction, seed (`POST /chat/predict`) or drop-in
-//! (`POST /api/v1/prediction/{id}`): validate, bind the conversation, hold the
-//! price, relay. Settlement happens in `logging` (see `ledger`).
+//! Admission of a debited prediction, seed (`POST /chat/predict`) or drop-in
+//! (`POST /api/v1/prediction/{id}`): validate, check the conversation is the
+//! caller's, hold the price. Nothing here talks to Flowise: Pingora's proxy loop
+//! carries the request, and `logging` settles the hold (see `ledger`).
 
-use bytes::Bytes;
-use pingora_http::RequestHeader;
+use bytes::{Bytes, BytesMut};
 use pingora_proxy::Session;
 use serde_json::{Map, Value};
 
+use super::body::{conversation_id, parse_object, FormInspector, RequestBody, SEED_BODY_LIMIT};
 use super::ctx::Ctx;
-use super::route::Route;
-use super::{pipeline, relay};
+use super::pipeline;
 use crate::app::App;
 use crate::errors::ApiError;
 use crate::ledger::{Admission, Price};
-use crate::sessions::valid_session_id;
 
-pub async fn run(session: &mut Session, app: &App, ctx: &mut Ctx) -> Result<(), ApiError> {
-    let who = ctx.identity.clone().ok_or_else(ApiError::unauthorized)?;
-    let raw = ctx.body.clone().unwrap_or_default();
-    let (chatflow_id, upstream_body, conversation) = match &ctx.route {
-        Route::FlowisePrediction(id) => {
-            // Drop-in: Flowise's body goes through byte-identical.
-            let v = parse_object(&raw, true)?;
-            (id.clone(), raw, conversation_id(&v)?)
-        }
-        _ => {
-            let v = parse_object(&raw, false)?;
-            let (id, body, conv) = seed_to_flowise(v)?;
-            (id, Bytes::from(body), conv)
-        }
-    };
-    if ctx.chatflow_id.is_none() {
-        pipeline::check_chatflow_access(app, ctx, &chatflow_id).await?;
-        ctx.chatflow_id = Some(chatflow_id.clone());
-    }
-
-    // The conversation must be the caller's (or new): refused before any charge.
+/// The seed route: its body names the chatflow, so it is read here (see
+/// `body.rs` for why, and why it is bounded by `SEED_BODY_LIMIT`).
+pub async fn admit_seed(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<(), ApiError> {
+    // Pingora replays what is read here from its retry buffer; enabled before
+    // the first read, or nothing would be kept.
+    session.as_mut().enable_retry_buffering();
+    let raw = pipeline::read_body(session, SEED_BODY_LIMIT.min(app.cfg.max_body_bytes))
+        .await
+        .map_err(|e| {
+            if e.code == "body_too_large" {
+                ApiError::new(
+                    413,
+                    "body_too_large",
+                    "A /chat/predict body is limited to 64 KiB; send files through \
+                     POST /api/v1/prediction/{id} (multipart), which streams them",
+                )
+            } else {
+                e
+            }
+        })?;
+    let v = parse_object(&raw, false)?;
+    let (chatflow_id, body, conversation) = seed_to_flowise(v)?;
+    crate::access::check_chatflow(app, ctx.identity.as_ref(), &chatflow_id).await?;
+    ctx.chatflow_id = Some(chatflow_id.clone());
     if let Some(conv) = &conversation {
-        match app
-            .sessions
-            .claim(&app.db, conv, who.user_id, &chatflow_id)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return Err(ApiError::forbidden()),
-            Err(_) => return Err(ApiError::ledger_unavailable()),
-        }
+        claim_conversation(app, ctx, conv).await?;
     }
+    ctx.conversation = conversation;
+    hold(app, ctx).await?;
+    ctx.upstream_path = Some(format!("/api/v1/prediction/{chatflow_id}"));
+    ctx.upstream_body = RequestBody::Replace(Bytes::from(body));
+    Ok(())
+}
 
+/// The drop-in route: the chatflow is in the path, so the hold is placed
+/// before Flowise is connected; the body (JSON or a multipart form) is checked
+/// as it passes, in `request_body_filter`.
+pub async fn admit_drop_in(app: &App, session: &Session, ctx: &mut Ctx) -> Result<(), ApiError> {
+    let content_type = session
+        .req_header()
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    ctx.upstream_body = if content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        let form = FormInspector::for_content_type(content_type)
+            .ok_or_else(|| ApiError::invalid_json("The multipart form has no boundary"))?;
+        RequestBody::Form(Box::new(form))
+    } else {
+        RequestBody::Json(BytesMut::new())
+    };
+    hold(app, ctx).await
+}
+
+/// The body has been seen whole: the conversation it names must be the
+/// caller's (or new) before its last byte is released to Flowise.
+pub async fn body_complete(
+    app: &App,
+    ctx: &mut Ctx,
+    conversation: Option<String>,
+) -> Result<(), ApiError> {
+    if let Some(conv) = &conversation {
+        claim_conversation(app, ctx, conv).await?;
+    }
+    ctx.conversation = conversation;
+    Ok(())
+}
+
+async fn claim_conversation(app: &App, ctx: &Ctx, conversation: &str) -> Result<(), ApiError> {
+    let who = ctx.identity.as_ref().ok_or_else(ApiError::unauthorized)?;
+    let chatflow = ctx.chatflow_id.as_deref().unwrap_or("");
+    match app
+        .sessions
+        .claim(&app.db, conversation, who.user_id, chatflow)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ApiError::forbidden()),
+        Err(_) => Err(ApiError::ledger_unavailable()),
+    }
+}
+
+async fn hold(app: &App, ctx: &mut Ctx) -> Result<(), ApiError> {
+    let who = ctx.identity.as_ref().ok_or_else(ApiError::unauthorized)?;
+    let chatflow = ctx.chatflow_id.clone().unwrap_or_default();
     let price = {
         let snap = app.auth.snapshot.get();
-        Price::of(snap.chatflow(&chatflow_id), app.cfg.default_credit_cost)
+        Price::of(snap.chatflow(&chatflow), app.cfg.default_credit_cost)
     };
     match app
         .ledger
-        .admit(who.user_id, &chatflow_id, &ctx.request_id, price)
+        .admit(who.user_id, &chatflow, &ctx.request_id, price)
         .await
     {
-        Ok(Admission::Held(hold)) => ctx.hold = Some(hold),
+        Ok(Admission::Held(h)) => ctx.hold = Some(h),
         Ok(Admission::Free) => {}
         Ok(Admission::Insufficient) => return Err(ApiError::insufficient_credits()),
         Err(_) => return Err(ApiError::ledger_unavailable()),
     }
-
-    let path = format!("/api/v1/prediction/{chatflow_id}");
-    let mut req =
-        RequestHeader::build("POST", path.as_bytes(), None).map_err(|_| ApiError::internal())?;
-    req.insert_header("Content-Type", "application/json")
-        .map_err(|_| ApiError::internal())?;
-    req.insert_header("Accept", accept_of(session))
-        .map_err(|_| ApiError::internal())?;
-    relay::relay(session, app, ctx, req, upstream_body).await?;
-
-    // A conversation Flowise started: bind it to its owner.
-    if conversation.is_none() {
-        if let Some(learned) = ctx.upstream.seen.session_id.clone() {
-            if valid_session_id(&learned) {
-                // The answer is out already; a failed bind leaves the session
-                // unbound until its owner's next request claims it.
-                if let Err(e) = app
-                    .sessions
-                    .claim(&app.db, &learned, who.user_id, &chatflow_id)
-                    .await
-                {
-                    log::warn!("binding a new Flowise session failed: {e}");
-                }
-            }
-        }
-    }
     Ok(())
 }
 
-fn accept_of(session: &Session) -> String {
-    session
-        .req_header()
-        .headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 256)
-        .unwrap_or("*/*")
-        .to_string()
-}
-
-/// Parses a JSON object body. Flowise accepts an empty body as `{}`.
-fn parse_object(raw: &[u8], empty_ok: bool) -> Result<Map<String, Value>, ApiError> {
-    if raw.iter().all(u8::is_ascii_whitespace) {
-        return if empty_ok {
-            Ok(Map::new())
-        } else {
-            Err(ApiError::invalid_json("A JSON body is required"))
-        };
+/// A conversation Flowise started: bind it to its owner (in `logging`, once
+/// the answer told us its id).
+pub async fn bind_new_conversation(app: &App, ctx: &Ctx) {
+    if ctx.conversation.is_some() {
+        return;
     }
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::validation("The body must be a JSON object")),
-        Err(_) => Err(ApiError::invalid_json("The body is not valid JSON")),
+    let (Some(who), Some(chatflow), Some(learned)) = (
+        ctx.identity.as_ref(),
+        ctx.chatflow_id.as_deref(),
+        ctx.upstream.seen.session_id.as_deref(),
+    ) else {
+        return;
+    };
+    if !crate::sessions::valid_session_id(learned) {
+        return;
     }
-}
-
-/// The conversation id a prediction names, if any: `chatId`, `sessionId` or
-/// `overrideConfig.sessionId`.
-fn conversation_id(v: &Map<String, Value>) -> Result<Option<String>, ApiError> {
-    let candidates = [
-        v.get("chatId"),
-        v.get("sessionId"),
-        v.get("overrideConfig").and_then(|o| o.get("sessionId")),
-    ];
-    let mut found: Option<String> = None;
-    for c in candidates.into_iter().flatten() {
-        match c {
-            Value::Null => {}
-            Value::String(s) if s.is_empty() => {}
-            Value::String(s) if valid_session_id(s) => match &found {
-                Some(f) if f != s => {
-                    return Err(ApiError::validation(
-                        "chatId and sessionId name different conversations",
-                    ))
-                }
-                _ => found = Some(s.clone()),
-            },
-            _ => return Err(ApiError::validation("Invalid conversation id")),
-        }
+    // The answer is out already; a failed bind leaves the session unbound
+    // until its owner's next request claims it.
+    if let Err(e) = app
+        .sessions
+        .claim(&app.db, learned, who.user_id, chatflow)
+        .await
+    {
+        log::warn!("binding a new Flowise session failed: {e}");
     }
-    Ok(found)
 }
 
 /// Maps the seed API body onto Flowise's prediction body.

@@ -73,7 +73,7 @@ pub async fn settle(
     hold_id: Uuid,
     kind: SettleKind,
     capture: i64,
-) -> Result<Option<i64>, tokio_postgres::Error> {
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
     let stmt = c
         .prepare_cached(
             "WITH h AS (
@@ -88,7 +88,7 @@ pub async fn settle(
                 INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id)
                 SELECT user_id, $4, amount - kept, -amount, $1, request_id, chatflow_id FROM h
              )
-             SELECT kept FROM h",
+             SELECT kept, amount FROM h",
         )
         .await?;
     let capture = if kind == SettleKind::Capture {
@@ -102,10 +102,22 @@ pub async fn settle(
             &[&hold_id, &kind.state(), &capture, &kind.ledger_kind()],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
-/// Expires open holds older than `ttl_seconds`, as any instance may, at once with
+/// Marks the open holds of requests still running as alive (`renewed_at`).
+pub async fn renew(db: &Db, user_ids: &[i64], hold_ids: &[Uuid]) -> StoreResult<u64> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "UPDATE holds SET renewed_at = now()
+             WHERE user_id = ANY($1) AND hold_id = ANY($2) AND state = 'open'",
+        )
+        .await?;
+    Ok(c.execute(&stmt, &[&user_ids, &hold_ids]).await?)
+}
+
+/// Expires open holds whose renewal stopped more than `ttl_seconds`, as any instance may, at once with
 /// others (rows being settled elsewhere are skipped). Returns (holds, credits).
 pub async fn expire_stale(db: &Db, ttl_seconds: f64) -> StoreResult<(i64, i64)> {
     let c = db.get().await?;
@@ -115,8 +127,8 @@ pub async fn expire_stale(db: &Db, ttl_seconds: f64) -> StoreResult<(i64, i64)> 
                 UPDATE holds SET state = 'expired', captured = 0, settled_at = now()
                 WHERE state = 'open' AND hold_id IN (
                     SELECT hold_id FROM holds
-                    WHERE state = 'open' AND created_at < now() - make_interval(secs => $1)
-                    ORDER BY created_at LIMIT 500 FOR UPDATE SKIP LOCKED)
+                    WHERE state = 'open' AND renewed_at < now() - make_interval(secs => $1)
+                    ORDER BY renewed_at LIMIT 500 FOR UPDATE SKIP LOCKED)
                 RETURNING hold_id, user_id, amount, request_id, chatflow_id
              ), s AS (
                 SELECT user_id, sum(amount) AS amount FROM h GROUP BY user_id
@@ -272,7 +284,7 @@ pub async fn verify(db: &Db, ttl_seconds: f64) -> StoreResult<Vec<String>> {
     let orphans = c
         .query(
             "SELECT hold_id, user_id, amount, created_at FROM holds
-             WHERE state = 'open' AND created_at < now() - make_interval(secs => $1)
+             WHERE state = 'open' AND renewed_at < now() - make_interval(secs => $1)
              ORDER BY created_at LIMIT 100",
             &[&ttl_seconds],
         )

@@ -1,9 +1,9 @@
 //! Flowise servers: selection (round-robin over the healthy ones, Pingora's load
-//! balancer with an active HTTP health check on `/api/v1/ping`), the request header
-//! policy for everything we send upstream, and the forwarder used for requests
-//! whose body the proxy has already read.
+//! balancer with an active HTTP health check on `/api/v1/ping`; a server that
+//! refused a connection is skipped on the retry), the request header policy for
+//! everything we send upstream, and the small client for the proxy's own calls.
 
-pub mod forward;
+pub mod client;
 pub mod sse;
 
 use std::collections::HashMap;
@@ -68,6 +68,7 @@ pub struct Upstreams {
 /// The chosen Flowise server for one request.
 pub struct Chosen<'a> {
     pub peer: HttpPeer,
+    pub index: usize,
     pub server: &'a FlowiseUrl,
 }
 
@@ -99,8 +100,29 @@ impl Upstreams {
                 .map_err(|e| format!("health check request: {e}"))?;
             req.insert_header("Host", first.host_header())
                 .map_err(|e| format!("health check request: {e}"))?;
+            // With the key, a Flowise (or its gateway) that rejects it says so
+            // here too; Flowise's own ping needs none and ignores it.
+            if let Some(key) = &cfg.flowise_api_key {
+                req.insert_header("Authorization", format!("Bearer {key}"))
+                    .map_err(|e| format!("health check request: {e}"))?;
+            }
             req
         };
+        let key_set = cfg.flowise_api_key.is_some();
+        hc.validator = Some(Box::new(move |resp| {
+            let status = resp.status.as_u16();
+            if crate::catalog::key::is_rejection(status) {
+                crate::catalog::key::rejected("GET /api/v1/ping (health check)", status, key_set);
+            }
+            if status == 200 {
+                Ok(())
+            } else {
+                pingora_core::Error::e_explain(
+                    pingora_core::ErrorType::CustomCode("non 200 code", status),
+                    "health check",
+                )
+            }
+        }));
         hc.peer_template.options.connection_timeout = Some(Duration::from_millis(1000));
         hc.peer_template.options.read_timeout = Some(Duration::from_millis(2000));
         let mut lb = lb;
@@ -120,11 +142,16 @@ impl Upstreams {
         })
     }
 
-    /// The next healthy server, round-robin; `None` when every server is down.
-    pub fn select(&self) -> Option<Chosen<'_>> {
-        let backend = self.lb.select(b"", 256)?;
-        let addr = backend.addr.as_inet().copied()?;
-        let index = *self.by_addr.get(&addr)?;
+    /// The next healthy server not in `tried`, round-robin; `None` when there is none.
+    pub fn select(&self, tried: &[usize]) -> Option<Chosen<'_>> {
+        let index_of = |b: &pingora_load_balancing::Backend| {
+            b.addr.as_inet().and_then(|a| self.by_addr.get(a).copied())
+        };
+        let backend = self.lb.select_with(b"", 256, |b, healthy| {
+            healthy && index_of(b).is_some_and(|i| !tried.contains(&i))
+        })?;
+        let index = index_of(&backend)?;
+        let addr = *backend.addr.as_inet()?;
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.total_connection_timeout = Some(self.connect_timeout);
@@ -136,8 +163,13 @@ impl Upstreams {
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         Some(Chosen {
             peer,
+            index,
             server: &self.servers[index],
         })
+    }
+
+    pub fn server(&self, index: usize) -> Option<&FlowiseUrl> {
+        self.servers.get(index)
     }
 
     /// Health of each configured server, in configuration order.

@@ -76,6 +76,57 @@ impl StreamObserver {
     }
 }
 
+/// The line that replaces an `error` event on the proxy's own routes: the
+/// contract's error shape, never Flowise's internal message.
+const REDACTED_ERROR: &[u8] = br#"data:{"event":"error","data":{"detail":"Flowise could not answer this prediction","code":"upstream_error"}}"#;
+
+/// Passes an event stream on in whole lines, replacing each `error` event's
+/// data line by `REDACTED_ERROR` (seed routes). A line longer than `MAX_LINE`
+/// is passed on as it is.
+#[derive(Debug, Default)]
+pub struct ErrorRedactor {
+    partial: Vec<u8>,
+}
+
+impl ErrorRedactor {
+    pub fn filter(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
+        self.partial.extend_from_slice(chunk);
+        let cut = if end || self.partial.len() > MAX_LINE {
+            self.partial.len()
+        } else {
+            match self.partial.iter().rposition(|b| *b == b'\n') {
+                Some(i) => i + 1,
+                None => return Vec::new(),
+            }
+        };
+        let ready: Vec<u8> = self.partial.drain(..cut).collect();
+        if !ready.windows(7).any(|w| w == b"\"error\"") {
+            return ready;
+        }
+        let mut out = Vec::with_capacity(ready.len());
+        for line in ready.split_inclusive(|b| *b == b'\n') {
+            let body = line.strip_suffix(b"\n").unwrap_or(line);
+            let body = body.strip_suffix(b"\r").unwrap_or(body);
+            if is_error_event(body) {
+                out.extend_from_slice(REDACTED_ERROR);
+                out.extend_from_slice(&line[body.len()..]);
+            } else {
+                out.extend_from_slice(line);
+            }
+        }
+        out
+    }
+}
+
+fn is_error_event(line: &[u8]) -> bool {
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return false;
+    };
+    serde_json::from_slice::<Value>(data.trim_ascii_start())
+        .ok()
+        .is_some_and(|v| v.get("event").and_then(Value::as_str) == Some("error"))
+}
+
 impl Observation {
     fn add_usage(&mut self, u: &Value) {
         let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -143,6 +194,22 @@ mod tests {
         o.feed(b":heartbeat\n\nmessage:\ndata:{\"event\":\"error\",\"data\":\"Error: x\"}\n\nmessage:\ndata:{\"event\":\"end\",\"data\":\"[DONE]\"}\n\n");
         assert!(o.seen.error);
         assert!(!o.seen.answered);
+    }
+
+    #[test]
+    fn redactor_replaces_error_events_split_anywhere() {
+        let input: &[u8] = b"message:\ndata:{\"event\":\"token\",\"data\":\"hi\"}\n\nmessage:\ndata:{\"event\":\"error\",\"data\":\"Error: buildChatflow - Connection error.\"}\n\n";
+        for split in [1usize, 5, 17, input.len()] {
+            let mut r = ErrorRedactor::default();
+            let mut out = Vec::new();
+            let chunks: Vec<&[u8]> = input.chunks(split).collect();
+            for (i, c) in chunks.iter().enumerate() {
+                out.extend(r.filter(c, i + 1 == chunks.len()));
+            }
+            let text = String::from_utf8(out).expect("utf8");
+            assert!(!text.contains("buildChatflow"), "{text}");
+            assert!(text.contains("upstream_error") && text.contains("\"data\":\"hi\""));
+        }
     }
 
     #[test]

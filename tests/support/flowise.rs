@@ -226,12 +226,15 @@ struct Inner {
     fail: Fail,
     usage: Option<(u64, u64)>,
     predictions: u64,
+    aborted: u64,
     messages: Vec<StoredMessage>,
     files: Vec<StoredFile>,
     last_ts: DateTime<Utc>,
     message_read_delay: Duration,
     message_reads_in_flight: u32,
     message_reads_max_parallel: u32,
+    /// Every key is refused (as with a key deleted in Flowise's UI).
+    reject_key: bool,
 }
 
 struct State {
@@ -253,7 +256,7 @@ impl State {
             return false;
         };
         let key = v.strip_prefix("Bearer ").unwrap_or(v);
-        !self.cfg.api_key.is_empty() && key == self.cfg.api_key
+        !self.cfg.api_key.is_empty() && key == self.cfg.api_key && !self.lock().reject_key
     }
 }
 
@@ -288,12 +291,14 @@ pub async fn start(cfg: FlowiseConfig) -> TestFlowise {
             fail: Fail::None,
             usage: None,
             predictions: 0,
+            aborted: 0,
             messages: Vec::new(),
             files: Vec::new(),
             last_ts: Utc::now(),
             message_read_delay: Duration::ZERO,
             message_reads_in_flight: 0,
             message_reads_max_parallel: 0,
+            reject_key: false,
         }),
     });
     let server = serve(listener, state.clone());
@@ -324,6 +329,12 @@ fn serve(listener: TcpListener, state: Arc<State>) -> Server {
 }
 
 impl TestFlowise {
+    /// While true, every API key is refused with Flowise's 401 (the key was
+    /// deleted in Flowise, or the proxy has the wrong one).
+    pub fn set_reject_key(&self, reject: bool) {
+        self.state.lock().reject_key = reject;
+    }
+
     /// Every request received so far, in order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.state.lock().requests.clone()
@@ -350,10 +361,15 @@ impl TestFlowise {
         inner.files.clear();
     }
 
-    /// How many `POST /api/v1/prediction/...` requests arrived (whatever the
-    /// outcome: rejected, failed, hung or answered).
+    /// How many `POST /api/v1/prediction/...` requests arrived whole (whatever
+    /// the outcome: rejected, failed, hung or answered).
     pub fn prediction_count(&self) -> u64 {
         self.state.lock().predictions
+    }
+
+    /// Requests whose body was cut short by the client (never acted on).
+    pub fn aborted_count(&self) -> u64 {
+        self.state.lock().aborted
     }
 
     /// Pause between streamed events (read live before each event).
@@ -566,8 +582,11 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Response<Body> {
     let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(b) => b,
         Err(e) => {
+            // Like Flowise (Express's body parser: "request aborted"), a request
+            // whose body never completed is not acted on, and not recorded.
             eprintln!("[test flowise] reading request body: {e}");
-            Bytes::new()
+            state.lock().aborted += 1;
+            return error_json(400, "request aborted");
         }
     };
     let method = parts.method.clone();

@@ -110,6 +110,7 @@ pub struct ProxyProcess {
     stderr: Arc<Mutex<Vec<String>>>,
     /// Reader threads that reached EOF (0..=2).
     readers_done: Arc<AtomicUsize>,
+    stdout_paused: Arc<std::sync::atomic::AtomicBool>,
     launch: Arc<Launch>,
 }
 
@@ -241,6 +242,12 @@ async fn is_ready(http: &reqwest::Client, base_url: &str) -> bool {
 impl ProxyProcess {
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Stops (true) or resumes reading the proxy's stdout, as a stalled log
+    /// collector would: the pipe fills and the proxy's writes would block.
+    pub fn pause_stdout(&self, paused: bool) {
+        self.stdout_paused.store(paused, Ordering::SeqCst);
     }
 
     /// Captured stdout lines so far.
@@ -464,12 +471,14 @@ fn spawn_process(
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let readers_done = Arc::new(AtomicUsize::new(0));
     let tag = if upgrade { "proxy-u" } else { "proxy" };
+    let stdout_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     match child.stdout.take() {
         Some(out) => read_lines(
             out,
             stdout.clone(),
             format!("[{tag} {pid} out]"),
             readers_done.clone(),
+            stdout_paused.clone(),
         ),
         None => {
             readers_done.fetch_add(1, Ordering::SeqCst);
@@ -481,6 +490,7 @@ fn spawn_process(
             stderr.clone(),
             format!("[{tag} {pid} err]"),
             readers_done.clone(),
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
         ),
         None => {
             readers_done.fetch_add(1, Ordering::SeqCst);
@@ -498,6 +508,7 @@ fn spawn_process(
         stdout,
         stderr,
         readers_done,
+        stdout_paused,
         launch,
     }
 }
@@ -507,11 +518,16 @@ fn read_lines(
     sink: Arc<Mutex<Vec<String>>>,
     prefix: String,
     done: Arc<AtomicUsize>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
 ) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
         loop {
+            // A stalled reader of the proxy's output (see `pause_stdout`).
+            while paused.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             buf.clear();
             match reader.read_until(b'\n', &mut buf) {
                 Ok(0) | Err(_) => break,

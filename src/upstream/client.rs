@@ -1,19 +1,15 @@
-//! Sends one request whose body the proxy already holds to a Flowise server,
-//! over Pingora's pooled keep-alive connections, and hands back the response to
-//! be relayed chunk by chunk.
-//!
-//! Why not Pingora's own proxy loop for these: a request body read in
-//! `request_filter` (to size-check it, authorize it, place a credit hold and
-//! rewrite it) cannot be replayed by Pingora when it is larger than its 64 KiB
-//! retry buffer. Reading first and sending here keeps one path for every size and
-//! guarantees Flowise never sees an oversized or truncated body.
+//! The small client for calls the proxy makes for itself (the catalogue sync,
+//! deleting a forgotten conversation's messages, gathering a user's own
+//! messages), over Pingora's connector and pooled connections. Requests made
+//! on a client's behalf never come here: they go through Pingora's proxy loop
+//! (see `proxy/mod.rs`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use pingora_core::protocols::http::client::HttpSession as ClientSession;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_core::{Error, ErrorType};
+use pingora_core::{Error, ErrorSource, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 use super::{ForwardMeta, Upstreams};
@@ -39,6 +35,13 @@ impl UpstreamFailure {
         }
     }
 
+    /// Every upstream failure, whichever path saw it, is counted here.
+    pub fn count(self) {
+        crate::metrics::UPSTREAM_ERRORS
+            .with_label_values(&[self.label()])
+            .inc();
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             UpstreamFailure::NoHealthy => "no_healthy",
@@ -50,6 +53,9 @@ impl UpstreamFailure {
 
     /// Classifies a Pingora error from the upstream side.
     pub fn from_error(e: &Error) -> UpstreamFailure {
+        if matches!(e.etype(), ErrorType::ConnectNoRoute) && e.esource() != &ErrorSource::Upstream {
+            return UpstreamFailure::NoHealthy;
+        }
         match e.etype() {
             ErrorType::ReadTimedout => UpstreamFailure::Timeout,
             ErrorType::ConnectTimedout
@@ -72,8 +78,6 @@ pub struct UpstreamResponse<'a> {
     session: ClientSession,
     peer: HttpPeer,
     pub header: ResponseHeader,
-    pub sent_at: Instant,
-    pub ttfb: Duration,
 }
 
 impl Upstreams {
@@ -85,7 +89,10 @@ impl Upstreams {
         body: Bytes,
         meta: &ForwardMeta<'_>,
     ) -> Result<UpstreamResponse<'_>, UpstreamFailure> {
-        let chosen = self.select().ok_or(UpstreamFailure::NoHealthy)?;
+        let chosen = self.select(&[]).ok_or_else(|| {
+            UpstreamFailure::NoHealthy.count();
+            UpstreamFailure::NoHealthy
+        })?;
         self.prepare_request(&mut req, chosen.server, meta)
             .map_err(|_| UpstreamFailure::Connect)?;
         req.remove_header("transfer-encoding");
@@ -96,6 +103,7 @@ impl Upstreams {
             req.insert_header("Content-Length", body.len().to_string())
                 .map_err(|_| UpstreamFailure::Connect)?;
         }
+        let idempotent = req.method.is_idempotent();
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -104,14 +112,12 @@ impl Upstreams {
                 .get_http_session(&chosen.peer)
                 .await
                 .map_err(|e| {
-                    crate::metrics::UPSTREAM_ERRORS
-                        .with_label_values(&["connect"])
-                        .inc();
-                    UpstreamFailure::from_error(&e)
+                    let f = UpstreamFailure::from_error(&e);
+                    f.count();
+                    f
                 })?;
             session.set_read_timeout(chosen.peer.options.read_timeout);
             session.set_write_timeout(chosen.peer.options.write_timeout);
-            let sent_at = Instant::now();
             match exchange(&mut session, &req, &body).await {
                 Ok(()) => {
                     let header = match session.response_header() {
@@ -123,18 +129,17 @@ impl Upstreams {
                         session,
                         peer: chosen.peer.clone(),
                         header,
-                        sent_at,
-                        ttfb: sent_at.elapsed(),
                     });
                 }
-                // A pooled connection that Flowise closed while idle: try once on a
-                // fresh one. Nothing was answered, so Flowise did not act on it.
-                Err(e) if reused && attempt == 1 && is_stale_connection(&e) => continue,
+                // A pooled connection that Flowise closed while idle: an
+                // idempotent request (all this client sends) is tried once more
+                // on a fresh one; anything else is never sent twice.
+                Err(e) if reused && attempt == 1 && idempotent && is_stale_connection(&e) => {
+                    continue
+                }
                 Err(e) => {
                     let f = UpstreamFailure::from_error(&e);
-                    crate::metrics::UPSTREAM_ERRORS
-                        .with_label_values(&[f.label()])
-                        .inc();
+                    f.count();
                     return Err(f);
                 }
             }
@@ -174,21 +179,11 @@ impl UpstreamResponse<'_> {
         self.header.status.as_u16()
     }
 
-    pub fn is_event_stream(&self) -> bool {
-        self.header
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
-    }
-
     /// The next piece of the body as Flowise sent it; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamFailure> {
         self.session.read_response_body().await.map_err(|e| {
             let f = UpstreamFailure::from_error(&e);
-            crate::metrics::UPSTREAM_ERRORS
-                .with_label_values(&[f.label()])
-                .inc();
+            f.count();
             f
         })
     }

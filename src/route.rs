@@ -1,5 +1,19 @@
 //! The route table: every (method, path) the proxy knows, in one place, with who
-//! may call it and how it is served.
+//! may call it and how it is served. Both the proxy (`proxy/`) and the
+//! handlers (`api/`) read it; it depends on neither.
+
+/// How a route is served, decided in `request_filter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// Answered by the proxy itself (`api/`).
+    Own,
+    /// `POST /chat/predict`: a debited prediction mapped onto Flowise's route.
+    SeedPrediction,
+    /// `POST /api/v1/prediction/{id}`: a debited prediction, Flowise's own body.
+    DropInPrediction,
+    /// Forwarded to Flowise through the proxy loop (after the checks).
+    Flowise,
+}
 
 /// Who may call a route. Checked in `request_filter` before anything else runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +57,9 @@ pub enum Route {
     FlowiseAttachments(String, String),
     FlowiseUploadFile,
     FlowisePing,
+    /// Flowise routes that hand out secrets (API keys, credentials, variables):
+    /// refused to everyone, admins included.
+    FlowiseSecret,
     /// Any other `/api/v1/...` path: admins only.
     FlowiseOther,
     CorsPreflight,
@@ -197,7 +214,14 @@ impl Route {
     fn resolve_flowise(method: &str, rest: &[&str]) -> Route {
         use Route::*;
         let get = method == "GET" || method == "HEAD";
+        let secret = |s: &str| {
+            let s = s.to_ascii_lowercase();
+            ["apikey", "credentials", "variables", "api-key"]
+                .iter()
+                .any(|p| s.starts_with(p))
+        };
         match (method, rest) {
+            (_, [first, ..]) if secret(first) => FlowiseSecret,
             ("POST", ["prediction", id]) => match id_segment(id) {
                 Some(id) => FlowisePrediction(id),
                 None => NotFound,
@@ -233,7 +257,7 @@ impl Route {
             | NotFound
             | MethodNotAllowed
             | FlowiseChatflowStreaming(_) => Access::Anyone,
-            Admin(_) | FlowiseOther => Access::Admin,
+            Admin(_) | FlowiseOther | FlowiseSecret => Access::Admin,
             _ => Access::User,
         }
     }
@@ -258,20 +282,43 @@ impl Route {
         matches!(self, Route::Predict | Route::FlowisePrediction(_))
     }
 
-    /// Routes relayed to Flowise as they are (after the checks).
-    pub fn is_pass_through(&self) -> bool {
+    pub fn serve(&self) -> Serve {
+        use Route::*;
+        match self {
+            Predict => Serve::SeedPrediction,
+            FlowisePrediction(_) => Serve::DropInPrediction,
+            SessionHistory(_)
+            | ChatflowConfig(_)
+            | FlowiseChatflows
+            | FlowiseChatflow(_)
+            | FlowiseChatbotConfig(_)
+            | FlowiseChatflowStreaming(_)
+            | FlowiseChatMessage(_)
+            | FlowiseAttachments(_, _)
+            | FlowiseUploadFile
+            | FlowisePing
+            | FlowiseSecret
+            | FlowiseOther => Serve::Flowise,
+            _ => Serve::Own,
+        }
+    }
+
+    /// Flowise's own API (`/api/v1/...`): its answers keep Flowise's shape.
+    pub fn is_drop_in(&self) -> bool {
         use Route::*;
         matches!(
             self,
-            FlowiseChatflow(_)
+            FlowisePrediction(_)
+                | FlowiseChatflows
+                | FlowiseChatflow(_)
                 | FlowiseChatbotConfig(_)
                 | FlowiseChatflowStreaming(_)
                 | FlowiseChatMessage(_)
                 | FlowiseAttachments(_, _)
                 | FlowiseUploadFile
                 | FlowisePing
+                | FlowiseSecret
                 | FlowiseOther
-                | FlowisePrediction(_)
         )
     }
 
@@ -305,6 +352,7 @@ impl Route {
             FlowiseAttachments(_, _) => "flowise_attachments",
             FlowiseUploadFile => "flowise_upload_file",
             FlowisePing => "flowise_ping",
+            FlowiseSecret => "flowise_secret",
             FlowiseOther => "flowise_other",
             CorsPreflight => "cors_preflight",
             NotFound => "not_found",
@@ -333,6 +381,11 @@ impl Route {
         "/admin/...",
         "/api/v1/... (Flowise drop-in)",
     ];
+}
+
+/// Percent-encodes a query value.
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -371,6 +424,14 @@ mod tests {
         assert_eq!(Route::resolve("GET", "/admin/users/x"), Route::NotFound);
         assert_eq!(Route::resolve("GET", "/nope"), Route::NotFound);
         assert_eq!(Route::FlowiseOther.access(), Access::Admin);
+        for p in [
+            "/api/v1/apikey",
+            "/api/v1/apikey/x",
+            "/api/v1/credentials",
+            "/api/v1/variables/1",
+        ] {
+            assert_eq!(Route::resolve("GET", p), Route::FlowiseSecret, "{p}");
+        }
         assert_eq!(
             Route::FlowiseChatflowStreaming("x".into()).access(),
             Access::Anyone
