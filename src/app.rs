@@ -29,7 +29,7 @@ impl App {
         let snapshot = Arc::new(SnapshotStore::new());
         let upstreams = Upstreams::new(&cfg)?;
         Ok(Arc::new(App {
-            auth: Auth::new(&cfg, snapshot),
+            auth: Auth::new(&cfg, snapshot, db.clone()),
             ledger: Ledger::new(db.clone()),
             sessions: SessionBindings::new(),
             upstreams,

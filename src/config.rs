@@ -42,6 +42,64 @@ pub struct Config {
     pub login_attempts_per_minute: u32,
     /// Client connection limits, enforced by `crate::limits`.
     pub client_limits: ClientLimits,
+    /// Bearer tokens issued elsewhere (the old login service, an OIDC provider).
+    pub external: ExternalAuthConfig,
+}
+
+/// Tokens from other issuers, verified locally (see `src/auth/external.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct ExternalAuthConfig {
+    /// The old Python service's login service: HS256 tokens with a shared secret.
+    pub login_service: Option<LoginServiceConfig>,
+    /// One OpenID Connect provider: RS256/ES256 tokens checked against its JWKS.
+    pub oidc: Option<OidcConfig>,
+    /// `EXTERNAL_AUTH_URL`: password logins of users who are not local are
+    /// checked by this login service (its token is verified with the shared secret).
+    pub auth_url: Option<String>,
+}
+
+impl ExternalAuthConfig {
+    pub fn any(&self) -> bool {
+        self.login_service.is_some() || self.oidc.is_some()
+    }
+}
+
+/// Which claims name the user, and which role values make an admin.
+#[derive(Debug, Clone)]
+pub struct ClaimNames {
+    pub subject: String,
+    pub username: String,
+    /// A claim name, or a dotted path into nested objects (`realm_access.roles`);
+    /// its value is a string or an array of strings.
+    pub role: String,
+    pub admin_roles: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginServiceConfig {
+    pub secret: Vec<u8>,
+    pub algorithm: Algorithm,
+    /// Required `iss` value, if the service sets one.
+    pub issuer: Option<String>,
+    /// Required `aud` value, if the service sets one.
+    pub audience: Option<String>,
+    pub claims: ClaimNames,
+}
+
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// None: found through `{issuer}/.well-known/openid-configuration`.
+    pub jwks_url: Option<String>,
+    pub algorithms: Vec<Algorithm>,
+    pub claims: ClaimNames,
+    /// Periodic key-set refresh.
+    pub jwks_refresh: Duration,
+    /// At most one refresh per this interval for tokens with an unknown `kid`.
+    pub jwks_min_refresh: Duration,
+    /// How long a request with an unknown `kid` waits for that one refresh.
+    pub jwks_wait: Duration,
 }
 
 /// What one client connection may hold on to (see `crate::limits`).
@@ -531,6 +589,7 @@ impl Config {
         let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
         let login_attempts_per_minute = src.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10u32, errs);
         let client_limits = client_limits(src, errs);
+        let external = external_auth(src, &jwt_secret, errs);
 
         if !errs.is_empty() {
             return None;
@@ -564,6 +623,7 @@ impl Config {
             grace_period,
             login_attempts_per_minute,
             client_limits,
+            external,
         })
     }
 
@@ -573,6 +633,157 @@ impl Config {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+}
+
+/// The claim settings of the two external issuers, by name (setting names are
+/// `'static`: `-t` lists every name asked for).
+fn claim_setting(prefix: &str, what: &str) -> &'static str {
+    match (prefix, what) {
+        ("EXTERNAL", "SUBJECT_CLAIM") => "EXTERNAL_SUBJECT_CLAIM",
+        ("EXTERNAL", "USERNAME_CLAIM") => "EXTERNAL_USERNAME_CLAIM",
+        ("EXTERNAL", "ROLE_CLAIM") => "EXTERNAL_ROLE_CLAIM",
+        ("EXTERNAL", _) => "EXTERNAL_ADMIN_ROLES",
+        (_, "SUBJECT_CLAIM") => "OIDC_SUBJECT_CLAIM",
+        (_, "USERNAME_CLAIM") => "OIDC_USERNAME_CLAIM",
+        (_, "ROLE_CLAIM") => "OIDC_ROLE_CLAIM",
+        _ => "OIDC_ADMIN_ROLES",
+    }
+}
+
+/// The optional settings for tokens issued elsewhere.
+fn external_auth(src: &Source, own_secret: &str, errs: &mut Vec<String>) -> ExternalAuthConfig {
+    let non_empty = |name: &'static str| {
+        src.get(name)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let list = |name: &'static str, default: &str| -> Vec<String> {
+        non_empty(name)
+            .unwrap_or_else(|| default.to_string())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let claims = |prefix: &str, username_default: &str| ClaimNames {
+        subject: non_empty(claim_setting(prefix, "SUBJECT_CLAIM")).unwrap_or_else(|| "sub".into()),
+        username: non_empty(claim_setting(prefix, "USERNAME_CLAIM"))
+            .unwrap_or_else(|| username_default.into()),
+        role: non_empty(claim_setting(prefix, "ROLE_CLAIM")).unwrap_or_else(|| "role".into()),
+        admin_roles: list(claim_setting(prefix, "ADMIN_ROLES"), "admin"),
+    };
+
+    let login_service = non_empty("EXTERNAL_JWT_SECRET").map(|secret| {
+        if KNOWN_SAMPLE_SECRETS
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(&secret))
+        {
+            errs.push(
+                "EXTERNAL_JWT_SECRET: is a published sample value; use the login service's real secret"
+                    .into(),
+            );
+        } else if secret.len() < 16 {
+            errs.push(format!(
+                "EXTERNAL_JWT_SECRET: too short ({} bytes, need at least 16)",
+                secret.len()
+            ));
+        } else if secret == own_secret {
+            errs.push(
+                "EXTERNAL_JWT_SECRET: must differ from JWT_SECRET_KEY (the login service must not be able to mint this proxy's tokens)"
+                    .into(),
+            );
+        }
+        let algorithm = match non_empty("EXTERNAL_JWT_ALGORITHM")
+            .unwrap_or_else(|| "HS256".into())
+            .to_ascii_uppercase()
+            .as_str()
+        {
+            "HS256" => Algorithm::HS256,
+            "HS384" => Algorithm::HS384,
+            "HS512" => Algorithm::HS512,
+            other => {
+                errs.push(format!(
+                    "EXTERNAL_JWT_ALGORITHM: {other:?} is not one of HS256, HS384, HS512"
+                ));
+                Algorithm::HS256
+            }
+        };
+        LoginServiceConfig {
+            secret: secret.into_bytes(),
+            algorithm,
+            issuer: non_empty("EXTERNAL_JWT_ISSUER"),
+            audience: non_empty("EXTERNAL_JWT_AUDIENCE"),
+            claims: claims("EXTERNAL", "username"),
+        }
+    });
+
+    let oidc = non_empty("OIDC_ISSUER").map(|issuer| {
+        if url::Url::parse(&issuer).is_err() {
+            errs.push(format!("OIDC_ISSUER: {issuer:?} is not a URL"));
+        }
+        let audiences = list("OIDC_AUDIENCE", "");
+        if audiences.is_empty() {
+            errs.push(
+                "OIDC_AUDIENCE: required with OIDC_ISSUER (the client id or API identifier tokens are issued for)"
+                    .into(),
+            );
+        }
+        let jwks_url = non_empty("OIDC_JWKS_URL");
+        if let Some(u) = &jwks_url {
+            match url::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "http" | "https") => {}
+                _ => errs.push(format!("OIDC_JWKS_URL: {u:?} is not an http(s) URL")),
+            }
+        }
+        let mut algorithms = Vec::new();
+        for a in list("OIDC_ALGORITHMS", "RS256,ES256") {
+            match a.to_ascii_uppercase().as_str() {
+                "RS256" => algorithms.push(Algorithm::RS256),
+                "RS384" => algorithms.push(Algorithm::RS384),
+                "RS512" => algorithms.push(Algorithm::RS512),
+                "PS256" => algorithms.push(Algorithm::PS256),
+                "PS384" => algorithms.push(Algorithm::PS384),
+                "PS512" => algorithms.push(Algorithm::PS512),
+                "ES256" => algorithms.push(Algorithm::ES256),
+                "ES384" => algorithms.push(Algorithm::ES384),
+                other => errs.push(format!(
+                    "OIDC_ALGORITHMS: {other:?} is not an asymmetric algorithm (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384)"
+                )),
+            }
+        }
+        let secs = |name: &'static str, default: u64, errs: &mut Vec<String>| {
+            Duration::from_secs(src.parse(name, default, errs).max(1))
+        };
+        OidcConfig {
+            issuer,
+            audiences,
+            jwks_url,
+            algorithms,
+            claims: claims("OIDC", "preferred_username"),
+            jwks_refresh: secs("OIDC_JWKS_REFRESH_SECONDS", 300, errs),
+            jwks_min_refresh: secs("OIDC_JWKS_MIN_REFRESH_SECONDS", 10, errs),
+            jwks_wait: Duration::from_millis(src.parse("OIDC_JWKS_WAIT_MS", 2000u64, errs)),
+        }
+    });
+
+    let auth_url = non_empty("EXTERNAL_AUTH_URL");
+    if let Some(u) = &auth_url {
+        match url::Url::parse(u) {
+            Ok(p) if matches!(p.scheme(), "http" | "https") => {}
+            _ => errs.push(format!("EXTERNAL_AUTH_URL: {u:?} is not an http(s) URL")),
+        }
+        if login_service.is_none() {
+            errs.push(
+                "EXTERNAL_AUTH_URL: needs EXTERNAL_JWT_SECRET to verify the tokens the login service returns"
+                    .into(),
+            );
+        }
+    }
+    ExternalAuthConfig {
+        login_service,
+        oidc,
+        auth_url,
     }
 }
 
@@ -772,5 +983,61 @@ mod tests {
         assert!(parse_flowise_url("ftp://x").is_err());
         assert!(parse_flowise_url("not a url").is_err());
         assert!(parse_flowise_url("http://user:pw@x").is_err());
+    }
+
+    fn from_yaml(text: &str) -> Result<Config, Vec<String>> {
+        let base = "database_url: postgresql://postgres@127.0.0.1/x\njwt_secret_key: 0123456789abcdef0123456789abcdef0123\n";
+        let yaml = serde_yaml::from_str(&format!("{base}{text}")).expect("yaml");
+        let mut errs = Vec::new();
+        let src = Source {
+            env_file_path: None,
+            env_file: Default::default(),
+            yaml_path: None,
+            yaml,
+            asked: Default::default(),
+            problems: Vec::new(),
+        };
+        Config::from_source(&src, &mut errs).ok_or(errs)
+    }
+
+    #[test]
+    fn external_auth_settings_are_checked() {
+        let none = from_yaml("").expect("valid");
+        assert!(!none.external.any());
+        let ok = from_yaml(
+            "external_jwt_secret: login-service-secret-123\nexternal_subject_claim: user_id\n\
+             oidc_issuer: https://idp.example.com\noidc_audience: a, b\n",
+        )
+        .expect("valid");
+        let ls = ok.external.login_service.expect("login service");
+        assert_eq!(ls.claims.subject, "user_id");
+        assert_eq!(ls.claims.username, "username");
+        let oidc = ok.external.oidc.expect("oidc");
+        assert_eq!(oidc.audiences, ["a", "b"]);
+        assert_eq!(oidc.algorithms, [Algorithm::RS256, Algorithm::ES256]);
+        assert_eq!(oidc.claims.username, "preferred_username");
+
+        for (yaml, wanted) in [
+            ("oidc_issuer: https://idp.example.com\n", "OIDC_AUDIENCE"),
+            (
+                "oidc_issuer: https://idp.example.com\noidc_audience: a\noidc_algorithms: HS256\n",
+                "OIDC_ALGORITHMS",
+            ),
+            (
+                "external_auth_url: http://auth:3000/login\n",
+                "EXTERNAL_AUTH_URL",
+            ),
+            ("external_jwt_secret: short\n", "EXTERNAL_JWT_SECRET"),
+            (
+                "external_jwt_secret: 0123456789abcdef0123456789abcdef0123\n",
+                "EXTERNAL_JWT_SECRET",
+            ),
+        ] {
+            let errs = from_yaml(yaml).expect_err(yaml);
+            assert!(
+                errs.iter().any(|e| e.starts_with(wanted)),
+                "{yaml}: {errs:?}"
+            );
+        }
     }
 }

@@ -136,6 +136,16 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+metric!(JWKS_REFRESHES: IntCounterVec = register_int_counter_vec!(
+    "flowise_proxy_jwks_refreshes_total",
+    "OIDC key-set refreshes by result (ok, error, rate_limited: an unknown key id asked too soon after the last one)",
+    &["result"]
+));
+metric!(EXTERNAL_USERS_PROVISIONED: IntCounter = register_int_counter!(
+    "flowise_proxy_external_users_provisioned_total",
+    "Users created for external identities (login service, OIDC) seen for the first time"
+));
+
 /// Registers every metric so that the first scrape lists them all.
 pub fn init() {
     Lazy::force(&REQUESTS);
@@ -214,6 +224,10 @@ pub fn init() {
         for class in ["2xx", "4xx", "5xx"] {
             REQUESTS.with_label_values(&[route, "POST", class]);
         }
+    }
+    Lazy::force(&EXTERNAL_USERS_PROVISIONED);
+    for result in ["ok", "error", "rate_limited"] {
+        JWKS_REFRESHES.with_label_values(&[result]);
     }
 }
 

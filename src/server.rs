@@ -139,6 +139,7 @@ impl BackgroundService for Maintenance {
                 .run_reloader(app.db.clone(), app.cfg.snapshot_reload_interval),
         );
         tokio::spawn(snapshot.run_listener(app.cfg.database_url.clone()));
+        app.auth.start_background();
         tokio::spawn(app.ledger.clone().run_settler());
         tokio::spawn(app.ledger.clone().run_renewer(app.cfg.hold_ttl));
         tokio::spawn(

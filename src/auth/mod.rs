@@ -1,8 +1,11 @@
 //! Who is calling: access JWTs issued by this proxy, API keys (`fpk_…`), refresh
 //! tokens with rotation, login with throttling. Checking a token reads the
 //! in-memory snapshot, and the database only for what the snapshot does not
-//! know yet (see `lookup`).
+//! know yet (see `lookup`). Tokens of other issuers (the old login service, an
+//! OIDC provider) are checked in `external`.
 
+pub mod external;
+mod jwks;
 pub mod lookup;
 pub mod password;
 pub mod snapshot;
@@ -26,10 +29,12 @@ const ISSUER: &str = "flowise-proxy";
 
 /// Clock leeway for a token's `iat` and `nbf`: a token that claims to be
 /// issued (or valid) more than this far in the future is refused. It covers
-/// clock differences between instances. "Revoke all" moves the user's cut-off
-/// this far ahead, and tokens issued in that time carry the cut-off as their
+/// clock differences between instances. A token of this proxy is revoked by
+/// "revoke all" when it claims an issue time before the cut-off plus this
+/// leeway, and tokens issued in that time carry cut-off + leeway as their
 /// issue time, so a revocation wins over every token that existed before it,
-/// whatever issue time it claims.
+/// whatever issue time it claims. (Tokens of other issuers, see `external`,
+/// are compared with the cut-off itself: their issuer sets their times.)
 pub const CLOCK_LEEWAY_SECS: i64 = 30;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -89,6 +94,8 @@ pub enum AuthFailure {
     UnknownUser,
     Inactive,
     BadApiKey,
+    /// A first-seen external user could not be provisioned (database down).
+    Unavailable,
 }
 
 impl AuthFailure {
@@ -103,6 +110,7 @@ impl AuthFailure {
             AuthFailure::UnknownUser => "unknown_user",
             AuthFailure::Inactive => "inactive",
             AuthFailure::BadApiKey => "bad_api_key",
+            AuthFailure::Unavailable => "unavailable",
         }
     }
 
@@ -110,6 +118,7 @@ impl AuthFailure {
         match self {
             AuthFailure::Missing => ApiError::unauthorized(),
             AuthFailure::Expired => ApiError::token_expired(),
+            AuthFailure::Unavailable => ApiError::busy(),
             _ => ApiError::invalid_token(),
         }
     }
@@ -131,10 +140,12 @@ pub struct Auth {
     refresh_lifetime: ChronoDuration,
     pub throttle: throttle::LoginThrottle,
     lookups: lookup::Lookups,
+    /// Tokens of other issuers (login service, OIDC), when configured.
+    external: Option<external::External>,
 }
 
 impl Auth {
-    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>) -> Auth {
+    pub fn new(cfg: &Config, snapshot: Arc<SnapshotStore>, db: Db) -> Auth {
         let mut validation = Validation::new(cfg.jwt_algorithm);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
@@ -151,11 +162,20 @@ impl Auth {
             ),
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
             lookups: lookup::Lookups::new(),
+            external: external::External::new(&cfg.external, db),
+        }
+    }
+
+    /// Starts background work (fetching OIDC keys); needs a running runtime.
+    pub fn start_background(&self) {
+        if let Some(ext) = &self.external {
+            ext.start();
         }
     }
 
     /// Authenticates an `Authorization` header value against the snapshot
-    /// (and the database for a key or user the snapshot does not know yet).
+    /// (and the database for a key or user the snapshot does not know yet; a
+    /// first-seen external identity is provisioned in the database).
     pub async fn authenticate(
         &self,
         db: &Db,
@@ -175,10 +195,14 @@ impl Auth {
             return Err(AuthFailure::Malformed);
         }
         if token.starts_with("fpk_") {
-            self.authenticate_api_key(db, token).await
-        } else {
-            self.authenticate_jwt(db, token).await
+            return self.authenticate_api_key(db, token).await;
         }
+        if let Some(ext) = &self.external {
+            if let Some(outcome) = ext.authenticate(token, &self.snapshot).await {
+                return outcome;
+            }
+        }
+        self.authenticate_jwt(db, token).await
     }
 
     /// A user by id: from the snapshot, else from the database.
@@ -269,7 +293,8 @@ impl Auth {
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
-        if issued_ms < user.tokens_valid_after.timestamp_millis() {
+        let cut_off_ms = user.tokens_valid_after.timestamp_millis() + CLOCK_LEEWAY_SECS * 1000;
+        if issued_ms < cut_off_ms {
             return Err(AuthFailure::Revoked);
         }
         Ok(Identity {
@@ -284,7 +309,7 @@ impl Auth {
     }
 
     /// An access token. Its issue time is never before the user's cut-off
-    /// (`tokens_valid_after`), which "revoke all" sets slightly in the future.
+    /// (`tokens_valid_after`, set by "revoke all") plus the clock leeway.
     fn issue_access(
         &self,
         user_id: i64,
@@ -293,7 +318,7 @@ impl Auth {
         valid_after: DateTime<Utc>,
     ) -> Result<String, ApiError> {
         let now = Utc::now();
-        let issued = now.max(valid_after);
+        let issued = now.max(valid_after + ChronoDuration::seconds(CLOCK_LEEWAY_SECS));
         let claims = Claims {
             sub: user_id.to_string(),
             role: role.as_str().into(),
@@ -351,13 +376,28 @@ impl Auth {
             return Err(e);
         }
         let found = store::identity::login_lookup(db, username).await?;
-        let hash = found.as_ref().map(|(_, h)| h.clone());
-        let pw = password.to_string();
-        let ok = password::verify_password_pooled(pw, hash)
-            .await
-            .ok_or_else(ApiError::busy)?;
+        let local_id = found.as_ref().map(|(u, _)| u.id);
+        let delegated = match &self.external {
+            Some(ext) => {
+                ext.login(db, &self.snapshot, username, password, local_id)
+                    .await?
+            }
+            None => external::Delegated::No,
+        };
+        let (ok, found) = match delegated {
+            external::Delegated::Accepted(user) => (true, Some(user)),
+            external::Delegated::Refused => (false, None),
+            external::Delegated::No => {
+                let hash = found.as_ref().map(|(_, h)| h.clone());
+                let pw = password.to_string();
+                let ok = password::verify_password_pooled(pw, hash)
+                    .await
+                    .ok_or_else(ApiError::busy)?;
+                (ok, found.map(|(u, _)| u))
+            }
+        };
         match found {
-            Some((user, _)) if ok && user.active => {
+            Some(user) if ok && user.active => {
                 self.throttle.succeeded(db, username, client_ip).await;
                 crate::metrics::LOGINS.with_label_values(&["success"]).inc();
                 let role = Role::parse(&user.role).unwrap_or(Role::User);
@@ -464,7 +504,7 @@ impl Auth {
         all: bool,
     ) -> Result<(), ApiError> {
         if all {
-            store::identity::revoke_all_for_user(db, who.user_id, CLOCK_LEEWAY_SECS).await?;
+            store::identity::revoke_all_for_user(db, who.user_id).await?;
         } else if let Some(rt) = refresh_token {
             let family = store::identity::revoke_refresh_family(
                 db,

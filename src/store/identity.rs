@@ -214,10 +214,9 @@ pub async fn revoke_refresh_family(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Revokes every refresh token of a user and every access token issued so far:
-/// the cut-off moves `leeway_secs` ahead, past any issue time a token of
-/// before now may claim (see `auth::CLOCK_LEEWAY_SECS`).
-pub async fn revoke_all_for_user(db: &Db, user_id: i64, leeway_secs: i64) -> StoreResult<()> {
+/// Revokes every refresh token of a user and every access token issued so far
+/// (see `auth::CLOCK_LEEWAY_SECS` for how the cut-off is compared).
+pub async fn revoke_all_for_user(db: &Db, user_id: i64) -> StoreResult<()> {
     let mut c = db.get().await?;
     let tx = c.transaction().await?;
     tx.execute(
@@ -226,10 +225,8 @@ pub async fn revoke_all_for_user(db: &Db, user_id: i64, leeway_secs: i64) -> Sto
     )
     .await?;
     tx.execute(
-        "UPDATE users SET updated_at = now(),
-                tokens_valid_after = GREATEST(tokens_valid_after, now() + make_interval(secs => $2))
-         WHERE id = $1",
-        &[&user_id, &(leeway_secs as f64)],
+        "UPDATE users SET tokens_valid_after = now(), updated_at = now() WHERE id = $1",
+        &[&user_id],
     )
     .await?;
     tx.commit().await?;

@@ -1,8 +1,10 @@
 //! The only code that talks SQL. One function per statement, grouped by concern:
 //! `identity` (users, tokens, keys, grants, audit), `catalog` (chatflows),
-//! `ledger` (accounts, holds, ledger rows), `sessions` (conversation bindings).
+//! `ledger` (accounts, holds, ledger rows), `sessions` (conversation bindings),
+//! `external` (identities of other issuers linked to local users).
 
 pub mod catalog;
+pub mod external;
 pub mod identity;
 pub mod ledger;
 pub mod login_attempts;
