@@ -12,6 +12,7 @@ use pingora_core::server::configuration::Opt;
 use crate::auth::password;
 use crate::config::{self, Config};
 use crate::store;
+use crate::validate;
 
 #[derive(Parser)]
 #[command(
@@ -348,13 +349,13 @@ async fn run_admin(cmd: Command, url: &str, hold_ttl: std::time::Duration) -> Re
                     email,
                 },
         } => {
-            if role != "admin" && role != "user" {
-                return Err("--role must be admin or user".into());
+            validate::username(&username).map_err(|e| e.detail)?;
+            validate::role(&role).map_err(|_| "--role must be admin or user".to_string())?;
+            if let Some(e) = &email {
+                validate::email(e).map_err(|e| e.detail)?;
             }
             let (pw, generated) = read_password()?;
-            if pw.len() < 8 {
-                return Err("password must be at least 8 characters".into());
-            }
+            validate::password(&pw).map_err(|e| e.detail)?;
             let hash = password::hash_password(&pw)?;
             let u = store::identity::create_user(&db, &username, &hash, &role, email.as_deref())
                 .await
@@ -398,6 +399,8 @@ async fn run_admin(cmd: Command, url: &str, hold_ttl: std::time::Duration) -> Re
                     idempotency_key,
                 },
         } => {
+            validate::credit_change(amount, &reason, idempotency_key.as_deref())
+                .map_err(|e| e.detail)?;
             let id = user_id(username).await?;
             match crate::ledger::change_balance(
                 &db,
@@ -423,6 +426,7 @@ async fn run_admin(cmd: Command, url: &str, hold_ttl: std::time::Duration) -> Re
             username,
             chatflow_id,
         } => {
+            validate::chatflow_id(&chatflow_id).map_err(|e| e.detail)?;
             let id = user_id(username).await?;
             // The catalogue may not have synced yet: make sure the row exists.
             store::catalog::ensure_known(&db, &chatflow_id)
@@ -437,6 +441,9 @@ async fn run_admin(cmd: Command, url: &str, hold_ttl: std::time::Duration) -> Re
         Command::Apikey {
             cmd: ApikeyCmd::Create { username, name },
         } => {
+            if let Some(n) = &name {
+                validate::key_name(n).map_err(|e| e.detail)?;
+            }
             let id = user_id(username).await?;
             let k = password::new_api_key();
             let (key_id, _) = store::identity::insert_api_key(

@@ -118,6 +118,7 @@ impl From<crate::store::StoreError> for ApiError {
             crate::store::StoreError::Unavailable(_) => ApiError::unavailable(),
             crate::store::StoreError::Conflict(what) => ApiError::conflict(what),
             crate::store::StoreError::NotFound => ApiError::not_found(),
+            crate::store::StoreError::Invalid(what) => ApiError::validation(what),
         }
     }
 }

@@ -20,6 +20,7 @@ mod server;
 mod sessions;
 mod store;
 mod upstream;
+mod validate;
 
 fn main() {
     keep_large_allocations_mapped();

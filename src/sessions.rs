@@ -2,21 +2,16 @@
 //! or the one Flowise assigns) is bound to (user, chatflow) the first time it is
 //! used; anyone else presenting it is refused before Flowise is called.
 //!
-//! Owners never change, so positive answers are cached: continuing an
-//! already-bound conversation costs no database round trip.
-
-use std::collections::HashMap;
-
-use parking_lot::Mutex;
+//! Every ownership decision asks the database (one indexed single-row
+//! statement). Owners do change: a conversation deleted on one instance may be
+//! started again, under the same id, by another user on any instance, so no
+//! instance may keep an owner it learned earlier. A claim is also the "last
+//! used" update (to the second), so `/chat/sessions` is ordered by use at no
+//! extra round trip; see `store::sessions::bind` for what that costs.
 
 use crate::store::{self, Db, StoreError};
 
-const CACHE_LIMIT: usize = 200_000;
-
-#[derive(Default)]
-pub struct SessionBindings {
-    owners: Mutex<HashMap<String, (i64, String)>>,
-}
+pub struct SessionBindings;
 
 /// A conversation id a client may send: bounded and printable.
 pub fn valid_session_id(id: &str) -> bool {
@@ -29,18 +24,11 @@ pub fn valid_session_id(id: &str) -> bool {
 
 impl SessionBindings {
     pub fn new() -> Self {
-        Self::default()
+        SessionBindings
     }
 
-    fn remember(&self, id: &str, owner: (i64, String)) {
-        let mut m = self.owners.lock();
-        if m.len() >= CACHE_LIMIT {
-            m.clear();
-        }
-        m.insert(id.to_string(), owner);
-    }
-
-    /// Claims `id` for the caller (binding it if new). `false` when another user owns it.
+    /// Claims `id` for the caller (binding it if new, else marking it used).
+    /// `false` when another user owns it, or when `id` is not a valid id.
     pub async fn claim(
         &self,
         db: &Db,
@@ -48,37 +36,31 @@ impl SessionBindings {
         user_id: i64,
         chatflow_id: &str,
     ) -> Result<bool, StoreError> {
-        if let Some((owner, _)) = self.owners.lock().get(id) {
-            return Ok(*owner == user_id);
+        if !valid_session_id(id) {
+            return Ok(false);
         }
         let owner = store::sessions::bind(db, id, user_id, chatflow_id).await?;
-        let mine = owner.0 == user_id;
-        self.remember(id, owner);
-        Ok(mine)
+        Ok(owner.0 == user_id)
     }
 
-    /// The chatflow of `id` when the caller owns it; `None` when unknown or not theirs.
+    /// The chatflow of `id` when the caller owns it; `None` when unknown, not
+    /// theirs, or not a valid id.
     pub async fn owned(
         &self,
         db: &Db,
         id: &str,
         user_id: i64,
     ) -> Result<Option<String>, StoreError> {
-        let cached = self.owners.lock().get(id).cloned();
-        let owner = match cached {
-            Some(o) => Some(o),
-            None => {
-                let o = store::sessions::owner(db, id).await?;
-                if let Some(o) = &o {
-                    self.remember(id, o.clone());
-                }
-                o
-            }
-        };
+        if !valid_session_id(id) {
+            return Ok(None);
+        }
+        let owner = store::sessions::owner(db, id).await?;
         Ok(owner.filter(|(u, _)| *u == user_id).map(|(_, cf)| cf))
     }
+}
 
-    pub fn forget(&self, id: &str) {
-        self.owners.lock().remove(id);
+impl Default for SessionBindings {
+    fn default() -> Self {
+        Self::new()
     }
 }

@@ -10,6 +10,7 @@ use crate::errors::ApiError;
 use crate::ledger::{self, Adjusted};
 use crate::route::AdminRoute;
 use crate::store;
+use crate::validate;
 
 async fn audit(
     app: &App,
@@ -43,14 +44,6 @@ async fn audit_identity_change(
     audit(app, call, action, target, details).await?;
     app.auth.snapshot.refresh_now().await;
     Ok(())
-}
-
-fn valid_role(r: &str) -> Result<(), ApiError> {
-    if r == "admin" || r == "user" {
-        Ok(())
-    } else {
-        Err(ApiError::validation("role must be admin or user"))
-    }
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -113,25 +106,6 @@ pub(crate) struct GrantBody {
     username: Option<String>,
 }
 
-fn validate_username(u: &str) -> Result<(), ApiError> {
-    let ok = !u.is_empty()
-        && u.len() <= 64
-        && u.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
-    ok.then_some(()).ok_or_else(|| {
-        ApiError::validation("username: 1-64 characters of letters, digits, - _ . @")
-    })
-}
-
-fn validate_password(p: &str) -> Result<(), ApiError> {
-    if p.len() < 8 || p.len() > 1024 {
-        return Err(ApiError::validation(
-            "password must be 8 to 1024 characters",
-        ));
-    }
-    Ok(())
-}
-
 async fn hash(p: String) -> Result<String, ApiError> {
     password::hash_password_pooled(p)
         .await
@@ -144,6 +118,7 @@ async fn resolve_user(app: &App, body: &GrantBody) -> Result<i64, ApiError> {
         return Ok(store::identity::get_user(&app.db, id).await?.id);
     }
     if let Some(name) = &body.username {
+        validate::username(name)?;
         return store::identity::find_user_by_name(&app.db, name)
             .await?
             .map(|u| u.id)
@@ -169,9 +144,12 @@ pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
         }
         CreateUser => {
             let b: NewUser = parse_body(call)?;
-            validate_username(&b.username)?;
-            validate_password(&b.password)?;
-            valid_role(&b.role)?;
+            validate::username(&b.username)?;
+            validate::password(&b.password)?;
+            validate::role(&b.role)?;
+            if let Some(e) = &b.email {
+                validate::email(e)?;
+            }
             let h = hash(b.password).await?;
             let u =
                 store::identity::create_user(&app.db, &b.username, &h, &b.role, b.email.as_deref())
@@ -189,11 +167,14 @@ pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
         PatchUser(id) => {
             let b: UserPatch = parse_body(call)?;
             if let Some(r) = &b.role {
-                valid_role(r)?;
+                validate::role(r)?;
+            }
+            if let Some(e) = &b.email {
+                validate::email(e)?;
             }
             let h = match b.password {
                 Some(p) => {
-                    validate_password(&p)?;
+                    validate::password(&p)?;
                     Some(hash(p).await?)
                 }
                 None => None,
@@ -233,15 +214,7 @@ pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
         }
         UserCredits(id) => {
             let b: CreditChange = parse_body(call)?;
-            if b.amount == 0 {
-                return Err(ApiError::validation("amount must not be zero"));
-            }
-            if b.idempotency_key.is_empty() || b.idempotency_key.len() > 200 || b.reason.len() > 500
-            {
-                return Err(ApiError::validation(
-                    "idempotency_key (1-200 chars) and reason (up to 500) are required",
-                ));
-            }
+            validate::credit_change(b.amount, &b.reason, Some(&b.idempotency_key))?;
             store::identity::get_user(&app.db, id).await?;
             let res = ledger::change_balance(
                 &app.db,
@@ -277,6 +250,9 @@ pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
             } else {
                 NewKey::default()
             };
+            if let Some(n) = &b.name {
+                validate::key_name(n)?;
+            }
             store::identity::get_user(&app.db, id).await?;
             let k = password::new_api_key();
             let (key_id, created) = store::identity::insert_api_key(

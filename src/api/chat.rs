@@ -22,7 +22,11 @@ pub(crate) struct Login {
 
 pub async fn authenticate(app: &App, call: &Call) -> ApiResult {
     let body: Login = parse_body(call)?;
-    if body.username.is_empty() || body.username.len() > 64 || body.password.len() > 1024 {
+    if body.username.is_empty()
+        || body.username.len() > 64
+        || body.password.len() > 1024
+        || crate::validate::text("username", &body.username, 64).is_err()
+    {
         // Same answer as any other failure.
         return Err(ApiError::invalid_credentials());
     }
@@ -79,6 +83,31 @@ pub async fn revoke(app: &App, call: &Call) -> ApiResult {
         .revoke(&app.db, who, body.refresh_token.as_deref(), body.all)
         .await?;
     Ok(Reply::ok(json!({"revoked": true})))
+}
+
+/// `GET /chat/api-keys`: the caller's active keys (never their secrets).
+pub async fn api_keys(app: &App, call: &Call) -> ApiResult {
+    let who = identity(call)?;
+    let keys = store::identity::list_own_api_keys(&app.db, who.user_id).await?;
+    Ok(Reply::ok(Value::Array(keys)))
+}
+
+/// `DELETE /chat/api-keys/{id}`: revokes one of the caller's own keys (404
+/// for anyone else's), in force here at once and elsewhere within a second.
+pub async fn api_key_revoke(app: &App, call: &Call, key_id: i64) -> ApiResult {
+    let who = identity(call)?;
+    store::identity::revoke_own_api_key(&app.db, who.user_id, key_id).await?;
+    store::identity::audit(
+        &app.db,
+        Some(who.user_id),
+        "apikey.revoke",
+        &format!("apikey:{key_id}"),
+        &json!({"user_id": who.user_id, "by": "owner"}),
+        &call.request_id,
+    )
+    .await?;
+    app.auth.snapshot.refresh_now().await;
+    Ok(Reply::ok(json!({"revoked": true, "id": key_id})))
 }
 
 pub async fn credits(app: &App, call: &Call) -> ApiResult {
@@ -166,7 +195,6 @@ pub async fn session_delete(app: &App, call: &Call, id: &str) -> ApiResult {
         return Err(ApiError::upstream_error());
     }
     store::sessions::delete(&app.db, id, who.user_id).await?;
-    app.sessions.forget(id);
     Ok(Reply::ok(json!({"deleted": true, "session_id": id})))
 }
 

@@ -1,28 +1,32 @@
 //! Drop-in mode: the answers the proxy gives itself for Flowise's routes
 //! (the checks and forwarding decisions live in `proxy/flowise_route.rs`).
 
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::{flowise_call, ApiResult, Call, Reply};
 use crate::app::App;
 
 /// Without a session filter, a user gets the messages of their own sessions of
-/// that chatflow, never everyone's.
+/// that chatflow, never everyone's: one Flowise call per session, a few at a
+/// time (in sequence, 23 sessions took 2 s against 0.08 s for Flowise alone).
 pub async fn own_messages(app: &App, call: &Call, chatflow: &str, user_id: i64) -> ApiResult {
-    let sessions = crate::store::sessions::list(&app.db, user_id, 100, 0).await?;
+    const PARALLEL_READS: usize = 8;
+    let ids = crate::store::sessions::ids_of_chatflow(&app.db, user_id, chatflow, 100).await?;
+    let reads = futures::stream::iter(ids)
+        .map(|id| async move {
+            let path = format!(
+                "/api/v1/chatmessage/{chatflow}?chatId={}",
+                crate::route::urlencode(&id)
+            );
+            flowise_call(app, call, "GET", &path).await
+        })
+        .buffered(PARALLEL_READS)
+        .collect::<Vec<_>>()
+        .await;
     let mut out = Vec::new();
-    for s in sessions {
-        if s.get("chatflow_id").and_then(Value::as_str) != Some(chatflow) {
-            continue;
-        }
-        let Some(id) = s.get("session_id").and_then(Value::as_str) else {
-            continue;
-        };
-        let path = format!(
-            "/api/v1/chatmessage/{chatflow}?chatId={}",
-            crate::route::urlencode(id)
-        );
-        let (status, body) = flowise_call(app, call, "GET", &path).await?;
+    for read in reads {
+        let (status, body) = read?;
         if (200..300).contains(&status) {
             if let Ok(Value::Array(rows)) = serde_json::from_slice::<Value>(&body) {
                 out.extend(rows);

@@ -69,6 +69,8 @@ pub async fn handle(app: &App, call: &Call) -> ApiResult {
         Route::Authenticate => chat::authenticate(app, call).await,
         Route::Refresh => chat::refresh(app, call).await,
         Route::Revoke => chat::revoke(app, call).await,
+        Route::ApiKeys => chat::api_keys(app, call).await,
+        Route::ApiKeyRevoke(id) => chat::api_key_revoke(app, call, id).await,
         Route::Credits => chat::credits(app, call).await,
         Route::Sessions => chat::sessions(app, call).await,
         Route::SessionDelete(id) => chat::session_delete(app, call, &id).await,

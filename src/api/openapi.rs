@@ -339,6 +339,24 @@ fn spec(name: &str) -> Option<Spec> {
             &[503],
             &[],
         ),
+        "chat_api_keys" => s(
+            "auth",
+            "The caller's own API keys",
+            "Active keys only; a key's secret is never shown again after it was issued.",
+            none,
+            JsonArray("OwnApiKey"),
+            &[503],
+            &[],
+        ),
+        "chat_api_key_revoke" => s(
+            "auth",
+            "Revoke one of the caller's own API keys",
+            "404 for a key that is not the caller's.",
+            none,
+            Json(200, "ApiKeyRevoked"),
+            &[404, 503],
+            &[],
+        ),
         "chat_credits" => s(
             "chat",
             "The caller's credit balance",
@@ -1012,6 +1030,7 @@ fn components() -> ComponentsBuilder {
     add::<PredictRequest>(&mut all);
     add::<PredictionResponse>(&mut all);
     add::<SessionSummary>(&mut all);
+    add::<OwnApiKey>(&mut all);
     add::<SessionHistory>(&mut all);
     add::<SessionDeleted>(&mut all);
     add::<CatalogChatflow>(&mut all);
@@ -1208,6 +1227,15 @@ mod schemas {
     pub struct StreamingFlag {
         #[schema(rename = "isStreaming")]
         pub is_streaming: bool,
+    }
+
+    #[derive(ToSchema)]
+    pub struct OwnApiKey {
+        pub id: i64,
+        /// The key's first characters, to tell keys apart.
+        pub prefix: String,
+        pub name: Option<String>,
+        pub created_at: DateTime<Utc>,
     }
 
     #[derive(ToSchema)]

@@ -1,10 +1,12 @@
 //! Who is calling: access JWTs issued by this proxy, API keys (`fpk_…`), refresh
-//! tokens with rotation, login with throttling. Checking a token reads only the
-//! in-memory snapshot. Tokens of other issuers (the old login service, an OIDC
-//! provider) are checked in `external`.
+//! tokens with rotation, login with throttling. Checking a token reads the
+//! in-memory snapshot, and the database only for what the snapshot does not
+//! know yet (see `lookup`). Tokens of other issuers (the old login service, an
+//! OIDC provider) are checked in `external`.
 
 pub mod external;
 mod jwks;
+pub mod lookup;
 pub mod password;
 pub mod snapshot;
 pub mod throttle;
@@ -25,6 +27,16 @@ pub use snapshot::{Role, SnapshotStore};
 
 const ISSUER: &str = "flowise-proxy";
 
+/// Clock leeway for a token's `iat` and `nbf`: a token that claims to be
+/// issued (or valid) more than this far in the future is refused. It covers
+/// clock differences between instances. A token of this proxy is revoked by
+/// "revoke all" when it claims an issue time before the cut-off plus this
+/// leeway, and tokens issued in that time carry cut-off + leeway as their
+/// issue time, so a revocation wins over every token that existed before it,
+/// whatever issue time it claims. (Tokens of other issuers, see `external`,
+/// are compared with the cut-off itself: their issuer sets their times.)
+pub const CLOCK_LEEWAY_SECS: i64 = 30;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
@@ -36,6 +48,9 @@ pub struct Claims {
     /// Issue time in milliseconds, so "revoke all" cuts precisely.
     #[serde(default)]
     pub iat_ms: i64,
+    /// Not valid before (never set by this proxy; honoured when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     /// The login (refresh-token family) this token belongs to: revoking the
     /// family, or reusing one of its rotated refresh tokens, revokes it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,7 +63,9 @@ pub enum Credential {
         jti: Uuid,
         expires_at: DateTime<Utc>,
     },
-    ApiKey,
+    ApiKey {
+        prefix: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +89,8 @@ pub enum AuthFailure {
     Expired,
     BadSignature,
     Revoked,
+    /// `iat` or `nbf` in the future (beyond the leeway).
+    NotYetValid,
     UnknownUser,
     Inactive,
     BadApiKey,
@@ -87,6 +106,7 @@ impl AuthFailure {
             AuthFailure::Expired => "expired",
             AuthFailure::BadSignature => "bad_signature",
             AuthFailure::Revoked => "revoked",
+            AuthFailure::NotYetValid => "not_yet_valid",
             AuthFailure::UnknownUser => "unknown_user",
             AuthFailure::Inactive => "inactive",
             AuthFailure::BadApiKey => "bad_api_key",
@@ -119,6 +139,7 @@ pub struct Auth {
     access_lifetime: ChronoDuration,
     refresh_lifetime: ChronoDuration,
     pub throttle: throttle::LoginThrottle,
+    lookups: lookup::Lookups,
     /// Tokens of other issuers (login service, OIDC), when configured.
     external: Option<external::External>,
 }
@@ -140,6 +161,7 @@ impl Auth {
                 cfg.refresh_token_lifetime.as_millis() as i64
             ),
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
+            lookups: lookup::Lookups::new(),
             external: external::External::new(&cfg.external, db),
         }
     }
@@ -152,8 +174,13 @@ impl Auth {
     }
 
     /// Authenticates an `Authorization` header value against the snapshot
-    /// (a first-seen external identity is provisioned in the database).
-    pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Identity, AuthFailure> {
+    /// (and the database for a key or user the snapshot does not know yet; a
+    /// first-seen external identity is provisioned in the database).
+    pub async fn authenticate(
+        &self,
+        db: &Db,
+        header: Option<&[u8]>,
+    ) -> Result<Identity, AuthFailure> {
         let header = header.ok_or(AuthFailure::Missing)?;
         let header = std::str::from_utf8(header).map_err(|_| AuthFailure::Malformed)?;
         let (scheme, token) = header
@@ -168,38 +195,67 @@ impl Auth {
             return Err(AuthFailure::Malformed);
         }
         if token.starts_with("fpk_") {
-            return self.authenticate_api_key(token);
+            return self.authenticate_api_key(db, token).await;
         }
         if let Some(ext) = &self.external {
             if let Some(outcome) = ext.authenticate(token, &self.snapshot).await {
                 return outcome;
             }
         }
-        self.authenticate_jwt(token)
+        self.authenticate_jwt(db, token).await
     }
 
-    fn authenticate_api_key(&self, token: &str) -> Result<Identity, AuthFailure> {
+    /// A user by id: from the snapshot, else from the database.
+    async fn user(&self, db: &Db, id: i64) -> Option<snapshot::UserEntry> {
+        let known = self.snapshot.get().users.get(&id).cloned();
+        match known {
+            Some(u) => Some(u),
+            None => self.lookups.user(db, &self.snapshot, id).await,
+        }
+    }
+
+    async fn authenticate_api_key(&self, db: &Db, token: &str) -> Result<Identity, AuthFailure> {
         let (prefix, secret) = password::parse_api_key(token).ok_or(AuthFailure::BadApiKey)?;
-        let snap = self.snapshot.get();
-        let key = snap.api_keys.get(prefix).ok_or(AuthFailure::BadApiKey)?;
+        let known = {
+            let snap = self.snapshot.get();
+            snap.api_keys
+                .get(prefix)
+                .map(|k| (k.clone(), snap.users.get(&k.user_id).cloned()))
+        };
+        let (key, user) = match known {
+            Some(found) => found,
+            None => {
+                let (key, user) = self
+                    .lookups
+                    .api_key(db, &self.snapshot, prefix)
+                    .await
+                    .ok_or(AuthFailure::BadApiKey)?;
+                (key, Some(user))
+            }
+        };
         if !password::ct_eq(&password::sha256(secret.as_bytes()), &key.secret_hash) {
             return Err(AuthFailure::BadApiKey);
         }
-        let user = snap
-            .users
-            .get(&key.user_id)
-            .ok_or(AuthFailure::UnknownUser)?;
+        let user = match user {
+            Some(u) => u,
+            None => self
+                .user(db, key.user_id)
+                .await
+                .ok_or(AuthFailure::UnknownUser)?,
+        };
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
         Ok(Identity {
             user_id: key.user_id,
             role: user.role,
-            credential: Credential::ApiKey,
+            credential: Credential::ApiKey {
+                prefix: prefix.to_string(),
+            },
         })
     }
 
-    fn authenticate_jwt(&self, token: &str) -> Result<Identity, AuthFailure> {
+    async fn authenticate_jwt(&self, db: &Db, token: &str) -> Result<Identity, AuthFailure> {
         let data =
             decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
                 match e.kind() {
@@ -209,22 +265,36 @@ impl Auth {
                 }
             })?;
         let c = data.claims;
+        let issued_ms = issue_time_ms(&c)?;
+        let latest_ms = Utc::now().timestamp_millis() + CLOCK_LEEWAY_SECS * 1000;
+        if issued_ms > latest_ms
+            || c.nbf
+                .is_some_and(|nbf| nbf.saturating_mul(1000) > latest_ms)
+        {
+            return Err(AuthFailure::NotYetValid);
+        }
         let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
         let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
         let family = match c.fam.as_deref() {
             Some(f) => Some(Uuid::parse_str(f).map_err(|_| AuthFailure::Malformed)?),
             None => None,
         };
-        let snap = self.snapshot.get();
-        if snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f)) {
+        let revoked = {
+            let snap = self.snapshot.get();
+            snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f))
+        };
+        if revoked {
             return Err(AuthFailure::Revoked);
         }
-        let user = snap.users.get(&user_id).ok_or(AuthFailure::UnknownUser)?;
+        let user = self
+            .user(db, user_id)
+            .await
+            .ok_or(AuthFailure::UnknownUser)?;
         if !user.active {
             return Err(AuthFailure::Inactive);
         }
-        let issued_ms = if c.iat_ms > 0 { c.iat_ms } else { c.iat * 1000 };
-        if issued_ms < user.tokens_valid_after.timestamp_millis() {
+        let cut_off_ms = user.tokens_valid_after.timestamp_millis() + CLOCK_LEEWAY_SECS * 1000;
+        if issued_ms < cut_off_ms {
             return Err(AuthFailure::Revoked);
         }
         Ok(Identity {
@@ -238,16 +308,26 @@ impl Auth {
         })
     }
 
-    fn issue_access(&self, user_id: i64, role: Role, family: Uuid) -> Result<String, ApiError> {
+    /// An access token. Its issue time is never before the user's cut-off
+    /// (`tokens_valid_after`, set by "revoke all") plus the clock leeway.
+    fn issue_access(
+        &self,
+        user_id: i64,
+        role: Role,
+        family: Uuid,
+        valid_after: DateTime<Utc>,
+    ) -> Result<String, ApiError> {
         let now = Utc::now();
+        let issued = now.max(valid_after + ChronoDuration::seconds(CLOCK_LEEWAY_SECS));
         let claims = Claims {
             sub: user_id.to_string(),
             role: role.as_str().into(),
             jti: Uuid::new_v4().to_string(),
-            iat: now.timestamp(),
+            iat: issued.timestamp(),
             exp: (now + self.access_lifetime).timestamp(),
             iss: ISSUER.into(),
-            iat_ms: now.timestamp_millis(),
+            iat_ms: issued.timestamp_millis(),
+            nbf: None,
             fam: Some(family.to_string()),
         };
         encode(&Header::new(self.algorithm), &claims, &self.encoding)
@@ -261,9 +341,8 @@ impl Auth {
         role: Role,
         family: Uuid,
     ) -> Result<TokenPair, ApiError> {
-        let access_token = self.issue_access(user_id, role, family)?;
         let refresh_token = password::random_token(32);
-        store::identity::insert_refresh_token(
+        let valid_after = store::identity::insert_refresh_token(
             db,
             user_id,
             &password::sha256(refresh_token.as_bytes()),
@@ -271,6 +350,7 @@ impl Auth {
             Utc::now() + self.refresh_lifetime,
         )
         .await?;
+        let access_token = self.issue_access(user_id, role, family, valid_after)?;
         Ok(TokenPair {
             access_token,
             refresh_token,
@@ -286,11 +366,14 @@ impl Auth {
         password: &str,
         client_ip: &str,
     ) -> Result<(TokenPair, store::identity::UserRow), ApiError> {
-        if let Some(wait) = self.throttle.check(username, client_ip) {
-            crate::metrics::LOGINS
-                .with_label_values(&["throttled"])
-                .inc();
-            return Err(ApiError::rate_limited(wait));
+        // Counted before the password is checked (see `throttle`).
+        if let Err(e) = self.throttle.admit(db, username, client_ip).await {
+            if e.status == 429 {
+                crate::metrics::LOGINS
+                    .with_label_values(&["throttled"])
+                    .inc();
+            }
+            return Err(e);
         }
         let found = store::identity::login_lookup(db, username).await?;
         let local_id = found.as_ref().map(|(u, _)| u.id);
@@ -315,20 +398,50 @@ impl Auth {
         };
         match found {
             Some(user) if ok && user.active => {
-                self.throttle.succeeded(username);
+                self.throttle.succeeded(db, username, client_ip).await;
                 crate::metrics::LOGINS.with_label_values(&["success"]).inc();
                 let role = Role::parse(&user.role).unwrap_or(Role::User);
                 let pair = self.issue_pair(db, user.id, role, Uuid::new_v4()).await?;
                 Ok((pair, user))
             }
             _ => {
-                self.throttle.failed(username, client_ip);
                 crate::metrics::LOGINS.with_label_values(&["failure"]).inc();
                 crate::metrics::AUTH_FAILURES
                     .with_label_values(&["invalid_credentials"])
                     .inc();
                 Err(ApiError::invalid_credentials())
             }
+        }
+    }
+
+    /// Whether the caller may use `chatflow_id`: unknown 404, not granted 403.
+    /// From the snapshot, else (a chatflow or grant added a moment ago) from
+    /// the database.
+    pub async fn check_chatflow(
+        &self,
+        db: &Db,
+        who: &Identity,
+        chatflow_id: &str,
+    ) -> Result<(), ApiError> {
+        crate::validate::chatflow_id(chatflow_id)?;
+        if who.is_admin() {
+            return Ok(());
+        }
+        let granted = {
+            let snap = self.snapshot.get();
+            snap.chatflow(chatflow_id).is_some() && snap.is_granted(who.user_id, chatflow_id)
+        };
+        if granted {
+            return Ok(());
+        }
+        match self
+            .lookups
+            .chatflow(db, &self.snapshot, who.user_id, chatflow_id)
+            .await
+        {
+            lookup::ChatflowAccess::Granted => Ok(()),
+            lookup::ChatflowAccess::NotGranted => Err(ApiError::forbidden()),
+            lookup::ChatflowAccess::Unknown => Err(ApiError::not_found()),
         }
     }
 
@@ -344,12 +457,10 @@ impl Auth {
         let hash = password::sha256(refresh_token.as_bytes());
         match store::identity::rotate_refresh_token(db, &hash).await? {
             RefreshOutcome::Rotated { user_id, family } => {
-                let snap = self.snapshot.get();
-                let user = match snap.users.get(&user_id) {
-                    Some(u) if u.active => u.clone(),
+                let user = match self.user(db, user_id).await {
+                    Some(u) if u.active => u,
                     _ => return Err(ApiError::invalid_token()),
                 };
-                drop(snap);
                 let pair = self.issue_pair(db, user_id, user.role, family).await?;
                 Ok((pair, user_id, user.role))
             }
@@ -380,7 +491,11 @@ impl Auth {
         Ok(())
     }
 
-    /// Revokes the presented access token (and a refresh family, or everything).
+    /// Revokes the presented credential (an access token, or an API key), and
+    /// a refresh family or, with `all`, every login of the user: all refresh
+    /// tokens and every access token issued so far. API keys are separate
+    /// credentials: each is revoked by presenting it here or through
+    /// `DELETE /chat/api-keys/{id}`.
     pub async fn revoke(
         &self,
         db: &Db,
@@ -401,10 +516,27 @@ impl Auth {
                 self.revoke_family_access(db, family).await?;
             }
         }
-        if let Credential::Jwt { jti, expires_at } = &who.credential {
-            store::identity::revoke_access_token(db, *jti, *expires_at).await?;
+        match &who.credential {
+            Credential::Jwt { jti, expires_at } => {
+                store::identity::revoke_access_token(db, *jti, *expires_at).await?;
+            }
+            Credential::ApiKey { prefix } => {
+                store::identity::revoke_api_key_by_prefix(db, who.user_id, prefix).await?;
+            }
         }
         self.snapshot.refresh_now().await;
         Ok(())
     }
+}
+
+/// The issue time a token claims, in milliseconds. `iat_ms` (ours) must agree
+/// with `iat`, so neither can be moved alone.
+fn issue_time_ms(c: &Claims) -> Result<i64, AuthFailure> {
+    if c.iat_ms == 0 {
+        return Ok(c.iat.saturating_mul(1000));
+    }
+    if c.iat_ms.div_euclid(1000) != c.iat {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(c.iat_ms)
 }

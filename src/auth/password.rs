@@ -147,7 +147,16 @@ pub fn new_api_key() -> NewApiKey {
 pub fn parse_api_key(token: &str) -> Option<(&str, &str)> {
     let rest = token.strip_prefix("fpk_")?;
     let (prefix, secret) = rest.split_once('_')?;
-    (prefix.len() == 12 && !secret.is_empty() && secret.len() <= 128).then_some((prefix, secret))
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    (prefix.len() == 12
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric())
+        && !secret.is_empty()
+        && secret.len() <= 128
+        && plain(secret))
+    .then_some((prefix, secret))
 }
 
 #[cfg(test)]

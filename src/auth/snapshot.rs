@@ -102,6 +102,11 @@ impl SnapshotStore {
         self.current.load()
     }
 
+    /// The number of the installed snapshot: it changes with every install.
+    pub fn generation(&self) -> u64 {
+        *self.installed.borrow()
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.current.load().loaded.is_some()
     }

@@ -96,7 +96,7 @@ pub async fn decide(app: &App, ctx: &mut Ctx) -> Result<FlowiseCall, ApiError> {
             {
                 return Err(ApiError::validation("Invalid fileName"));
             }
-            crate::access::check_chatflow(&app.auth.snapshot, Some(&who), &chatflow)?;
+            crate::access::check_chatflow(app, Some(&who), &chatflow).await?;
             let owned = app.sessions.owned(&app.db, &chat, who.user_id).await?;
             if owned.as_deref() != Some(chatflow.as_str()) {
                 return Err(ApiError::forbidden());

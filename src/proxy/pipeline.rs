@@ -94,7 +94,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
             .headers
             .get("authorization")
             .map(|v| v.as_bytes());
-        match app.auth.authenticate(header).await {
+        match app.auth.authenticate(&app.db, header).await {
             Ok(id) => ctx.identity = Some(id),
             Err(f) => {
                 crate::metrics::AUTH_FAILURES
@@ -110,7 +110,7 @@ async fn admit(app: &App, session: &mut Session, ctx: &mut Ctx) -> Result<Next, 
     check_declared_length(session, app.cfg.max_body_bytes)?;
 
     if let Some(cf) = ctx.route.chatflow().map(str::to_string) {
-        crate::access::check_chatflow(&app.auth.snapshot, ctx.identity.as_ref(), &cf)?;
+        crate::access::check_chatflow(app, ctx.identity.as_ref(), &cf).await?;
         ctx.chatflow_id = Some(cf);
     }
 

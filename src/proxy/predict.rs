@@ -36,7 +36,7 @@ pub async fn admit_seed(app: &App, session: &mut Session, ctx: &mut Ctx) -> Resu
         })?;
     let v = parse_object(&raw, false)?;
     let (chatflow_id, body, conversation) = seed_to_flowise(v)?;
-    crate::access::check_chatflow(&app.auth.snapshot, ctx.identity.as_ref(), &chatflow_id)?;
+    crate::access::check_chatflow(app, ctx.identity.as_ref(), &chatflow_id).await?;
     ctx.chatflow_id = Some(chatflow_id.clone());
     if let Some(conv) = &conversation {
         claim_conversation(app, ctx, conv).await?;

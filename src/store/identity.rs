@@ -128,21 +128,24 @@ pub async fn update_user(
     Ok(user_row(&row))
 }
 
-/// Stores a new refresh token of `family`.
+/// Stores a new refresh token of `family`; returns the user's access-token
+/// cut-off (`tokens_valid_after`), read in the same statement.
 pub async fn insert_refresh_token(
     db: &Db,
     user_id: i64,
     token_hash: &[u8],
     family: Uuid,
     expires_at: DateTime<Utc>,
-) -> StoreResult<()> {
+) -> StoreResult<DateTime<Utc>> {
     let c = db.get().await?;
-    c.execute(
-        "INSERT INTO refresh_tokens (user_id, token_hash, family, expires_at) VALUES ($1, $2, $3, $4)",
-        &[&user_id, &token_hash, &family, &expires_at],
-    )
-    .await?;
-    Ok(())
+    let r = c
+        .query_one(
+            "INSERT INTO refresh_tokens (user_id, token_hash, family, expires_at) VALUES ($1, $2, $3, $4)
+             RETURNING (SELECT tokens_valid_after FROM users WHERE id = $1)",
+            &[&user_id, &token_hash, &family, &expires_at],
+        )
+        .await?;
+    Ok(r.get(0))
 }
 
 pub enum RefreshOutcome {
@@ -211,7 +214,8 @@ pub async fn revoke_refresh_family(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Revokes every refresh token of a user and every access token issued so far.
+/// Revokes every refresh token of a user and every access token issued so far
+/// (see `auth::CLOCK_LEEWAY_SECS` for how the cut-off is compared).
 pub async fn revoke_all_for_user(db: &Db, user_id: i64) -> StoreResult<()> {
     let mut c = db.get().await?;
     let tx = c.transaction().await?;
@@ -414,4 +418,96 @@ pub async fn prune_revoked(db: &Db) -> StoreResult<u64> {
         &[],
     )
     .await?)
+}
+
+/// An active API key and its user, by the key's prefix (a snapshot miss):
+/// (user id, secret hash, role, active, tokens valid after).
+pub async fn api_key_by_prefix(
+    db: &Db,
+    prefix: &str,
+) -> StoreResult<Option<(i64, Vec<u8>, String, bool, DateTime<Utc>)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT k.user_id, k.secret_hash, u.role, u.active, u.tokens_valid_after
+             FROM api_keys k JOIN users u ON u.id = k.user_id
+             WHERE k.prefix = $1 AND k.revoked_at IS NULL",
+        )
+        .await?;
+    let r = c.query_opt(&stmt, &[&prefix]).await?;
+    Ok(r.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))))
+}
+
+/// A user as the snapshot holds it (a snapshot miss): (role, active, tokens valid after).
+pub async fn user_entry(db: &Db, id: i64) -> StoreResult<Option<(String, bool, DateTime<Utc>)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached("SELECT role, active, tokens_valid_after FROM users WHERE id = $1")
+        .await?;
+    let r = c.query_opt(&stmt, &[&id]).await?;
+    Ok(r.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// A chatflow for one user (a snapshot miss): `None` when the chatflow is
+/// unknown, else (deleted, granted to the user).
+pub async fn chatflow_grant(
+    db: &Db,
+    user_id: i64,
+    chatflow_id: &str,
+) -> StoreResult<Option<(bool, bool)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT c.deleted,
+                    EXISTS (SELECT 1 FROM grants g WHERE g.user_id = $1 AND g.chatflow_id = c.id)
+             FROM chatflows c WHERE c.id = $2",
+        )
+        .await?;
+    let r = c.query_opt(&stmt, &[&user_id, &chatflow_id]).await?;
+    Ok(r.map(|r| (r.get(0), r.get(1))))
+}
+
+/// Revokes the user's key with this prefix (a key revoking itself).
+pub async fn revoke_api_key_by_prefix(db: &Db, user_id: i64, prefix: &str) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.execute(
+        "UPDATE api_keys SET revoked_at = now()
+         WHERE prefix = $1 AND user_id = $2 AND revoked_at IS NULL",
+        &[&prefix, &user_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A user's active API keys (never their secrets).
+pub async fn list_own_api_keys(db: &Db, user_id: i64) -> StoreResult<Vec<Value>> {
+    let c = db.get().await?;
+    let rows = c
+        .query(
+            "SELECT id, prefix, name, created_at FROM api_keys
+             WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
+            &[&user_id],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let at: DateTime<Utc> = r.get(3);
+            serde_json::json!({"id": r.get::<_, i64>(0), "prefix": r.get::<_, String>(1),
+                               "name": r.get::<_, Option<String>>(2), "created_at": at})
+        })
+        .collect())
+}
+
+/// Revokes one of the user's own keys; `NotFound` when it is not theirs.
+pub async fn revoke_own_api_key(db: &Db, user_id: i64, key_id: i64) -> StoreResult<()> {
+    let c = db.get().await?;
+    c.query_opt(
+        "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+         WHERE id = $1 AND user_id = $2 RETURNING id",
+        &[&key_id, &user_id],
+    )
+    .await?
+    .ok_or(StoreError::NotFound)?;
+    Ok(())
 }

@@ -197,6 +197,14 @@ pub async fn adjust(
                 "the balance cannot go below zero".into(),
             ))
         }
+        Err(e)
+            if e.as_db_error().map(|d| d.code())
+                == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) =>
+        {
+            Err(StoreError::Invalid(
+                "amount: the balance would exceed the largest possible amount".into(),
+            ))
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod external;
 pub mod identity;
 pub mod ledger;
+pub mod login_attempts;
 pub mod sessions;
 
 use std::time::Duration;
@@ -32,6 +33,10 @@ pub enum StoreError {
     Conflict(String),
     #[error("not found")]
     NotFound,
+    /// The statement refused the values it was given (text PostgreSQL cannot
+    /// store, a number out of range): the caller's mistake, not an outage.
+    #[error("invalid: {0}")]
+    Invalid(String),
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -42,6 +47,20 @@ impl From<tokio_postgres::Error> for StoreError {
             }
             if db.code() == &tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION {
                 return StoreError::NotFound;
+            }
+            use tokio_postgres::error::SqlState;
+            if [
+                SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+                SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+                SqlState::UNTRANSLATABLE_CHARACTER,
+                SqlState::STRING_DATA_RIGHT_TRUNCATION,
+            ]
+            .contains(db.code())
+            {
+                return StoreError::Invalid(match *db.code() {
+                    SqlState::NUMERIC_VALUE_OUT_OF_RANGE => "a number is out of range".into(),
+                    _ => "a text value cannot be stored".into(),
+                });
             }
         }
         crate::metrics::DB_ERRORS

@@ -230,6 +230,9 @@ struct Inner {
     messages: Vec<StoredMessage>,
     files: Vec<StoredFile>,
     last_ts: DateTime<Utc>,
+    message_read_delay: Duration,
+    message_reads_in_flight: u32,
+    message_reads_max_parallel: u32,
     /// Every key is refused (as with a key deleted in Flowise's UI).
     reject_key: bool,
 }
@@ -292,6 +295,9 @@ pub async fn start(cfg: FlowiseConfig) -> TestFlowise {
             messages: Vec::new(),
             files: Vec::new(),
             last_ts: Utc::now(),
+            message_read_delay: Duration::ZERO,
+            message_reads_in_flight: 0,
+            message_reads_max_parallel: 0,
             reject_key: false,
         }),
     });
@@ -374,6 +380,17 @@ impl TestFlowise {
     /// Pause before a non-streaming prediction answer.
     pub fn set_response_delay(&self, d: Duration) {
         self.state.lock().response_delay = d;
+    }
+
+    /// Pause before answering `GET /api/v1/chatmessage/...`.
+    pub fn set_message_read_delay(&self, d: Duration) {
+        self.state.lock().message_read_delay = d;
+    }
+
+    /// The most `GET /api/v1/chatmessage/...` requests that were in progress
+    /// at once so far.
+    pub fn max_parallel_message_reads(&self) -> u32 {
+        self.state.lock().message_reads_max_parallel
     }
 
     pub fn set_fail(&self, fail: Fail) {
@@ -699,7 +716,19 @@ async fn route(
             if !authed {
                 return unauthorized_access();
             }
-            let inner = state.lock();
+            let delay = {
+                let mut inner = state.lock();
+                inner.message_reads_in_flight += 1;
+                inner.message_reads_max_parallel = inner
+                    .message_reads_max_parallel
+                    .max(inner.message_reads_in_flight);
+                inner.message_read_delay
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let mut inner = state.lock();
+            inner.message_reads_in_flight -= 1;
             let mut rows: Vec<&StoredMessage> = inner
                 .messages
                 .iter()
