@@ -118,6 +118,10 @@ pub struct ClientLimits {
     /// Client connections open at once; more are answered 503 and closed.
     /// Lowered at start-up to what the descriptor limit allows.
     pub max_connections: usize,
+    /// An answer must begin within this long after the request's body is
+    /// complete (`UPSTREAM_FIRST_BYTE_TIMEOUT_MS`; 504 otherwise). Streams
+    /// that have begun are bounded by `UPSTREAM_READ_TIMEOUT_MS` between reads.
+    pub first_byte_timeout: Option<Duration>,
 }
 
 /// One Flowise server: where to connect and what to send as `Host`.
@@ -803,6 +807,7 @@ fn client_limits(src: &Source, errs: &mut Vec<String>) -> ClientLimits {
         errs.push("MAX_HEADER_BYTES: must be between 1024 and 1048575".into());
     }
     let max_connections = src.parse("MAX_CONNECTIONS", 10_000usize, errs);
+    let first_byte_ms = src.parse("UPSTREAM_FIRST_BYTE_TIMEOUT_MS", 120_000u64, errs);
     if max_connections == 0 {
         errs.push("MAX_CONNECTIONS: must be at least 1".into());
     }
@@ -812,6 +817,7 @@ fn client_limits(src: &Source, errs: &mut Vec<String>) -> ClientLimits {
         body_timeout: Duration::from_millis(body_ms),
         max_header_bytes,
         max_connections,
+        first_byte_timeout: (first_byte_ms > 0).then(|| Duration::from_millis(first_byte_ms)),
     }
 }
 
@@ -923,6 +929,7 @@ mod tests {
                 body_timeout: Duration::from_millis(60_000),
                 max_header_bytes: 65_536,
                 max_connections: 10_000,
+                first_byte_timeout: Some(Duration::from_millis(120_000)),
             }
         );
         let limits = client_limits(

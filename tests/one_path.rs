@@ -608,3 +608,50 @@ async fn upload_file_reads_forward_only_the_checked_query() {
         "Flowise sees the checked values only"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_byte_and_stream_idle_limits_are_separate() {
+    // 1.5 s for an answer to begin; 20 s between the pieces of a begun stream.
+    let w = World::start_with(|o| {
+        o.env("UPSTREAM_FIRST_BYTE_TIMEOUT_MS", "1500")
+            .env("UPSTREAM_READ_TIMEOUT_MS", "20000")
+    })
+    .await;
+    let (uid, token) = w.user_with("timer", 5, FLOW).await;
+    w.flowise.set_fail(Fail::Hang);
+    let started = std::time::Instant::now();
+    let r = w
+        .post(
+            &format!("/api/v1/prediction/{FLOW}"),
+            &token,
+            &json!({"question": "hello?", "streaming": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered after {:?}, not after the 20 s read timeout",
+        started.elapsed()
+    );
+    // A stream that began may pause longer than the first-byte limit.
+    w.flowise.set_fail(Fail::None);
+    w.flowise.set_token_delay(Duration::from_millis(2500));
+    let r = w
+        .post(
+            &format!("/api/v1/prediction/{FLOW}"),
+            &token,
+            &json!({"question": "one two", "streaming": true}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("text");
+    assert!(text.contains("\"event\":\"end\""), "{text}");
+    assert_eq!(
+        w.wait_settled(uid).await,
+        (4, 0),
+        "the timeout voided, the stream captured"
+    );
+    w.assert_books_balance().await;
+}

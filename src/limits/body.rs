@@ -196,6 +196,15 @@ impl Chunk {
 }
 
 /// The client connection's stream with the body deadline in front of reads.
+///
+/// It also carries the proxy's time-to-first-byte limit
+/// (`UPSTREAM_FIRST_BYTE_TIMEOUT_MS`): once a request's body is complete and
+/// until the first byte of its answer is written, Pingora keeps a read pending
+/// on this stream (to notice a client leaving) while it waits for Flowise.
+/// That read fails with [`FirstByteTimeout`] when the limit passes, which ends
+/// the wait (answered 504, the hold voided). Pingora 0.9 applies one read
+/// timeout to every upstream read, header and body alike, so this is where a
+/// first-byte limit separate from the stream idle limit can live.
 pub struct LimitedStream {
     inner: Stream,
     progress: Progress,
@@ -203,6 +212,32 @@ pub struct LimitedStream {
     deadline: Option<Pin<Box<Sleep>>>,
     /// The deadline has passed (counted once in the metrics).
     timed_out: bool,
+    /// The time-to-first-byte limit of the current request.
+    first_byte_limit: Option<Duration>,
+    /// Runs from the body's end until the answer's first byte is written.
+    first_byte: Option<Pin<Box<Sleep>>>,
+}
+
+/// The error a pending client read ends with when no answer began within
+/// `UPSTREAM_FIRST_BYTE_TIMEOUT_MS` (see [`LimitedStream`]).
+#[derive(Debug)]
+pub struct FirstByteTimeout;
+
+impl fmt::Display for FirstByteTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no answer began within UPSTREAM_FIRST_BYTE_TIMEOUT_MS")
+    }
+}
+
+impl std::error::Error for FirstByteTimeout {}
+
+/// Whether a Pingora error is the first-byte limit passing.
+pub fn is_first_byte_timeout(e: &pingora_core::Error) -> bool {
+    let root = e.root_cause();
+    root.downcast_ref::<io::Error>()
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<FirstByteTimeout>())
+        || root.is::<FirstByteTimeout>()
 }
 
 impl LimitedStream {
@@ -212,7 +247,25 @@ impl LimitedStream {
             progress: Progress::Done,
             deadline: None,
             timed_out: false,
+            first_byte_limit: None,
+            first_byte: None,
         }
+    }
+
+    /// The answer's first byte must be written within `limit` of the body's end.
+    pub fn expect_answer_within(&mut self, limit: Option<Duration>) {
+        self.first_byte_limit = limit;
+        self.first_byte = None;
+        if self.progress.is_done() {
+            self.start_first_byte_clock();
+        }
+    }
+
+    fn start_first_byte_clock(&mut self) {
+        self.first_byte = self
+            .first_byte_limit
+            .take()
+            .map(|l| Box::pin(tokio::time::sleep_until(Instant::now() + l)));
     }
 
     /// A new request's header has been read: its body (framed as `framing`,
@@ -258,11 +311,21 @@ impl AsyncRead for LimitedStream {
                     this.progress.feed(&buf.filled()[before..]);
                     if this.progress.is_done() {
                         this.deadline = None;
+                        this.start_first_byte_clock();
                     }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
+                if let Some(sleep) = this.first_byte.as_mut() {
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        this.first_byte = None;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            FirstByteTimeout,
+                        )));
+                    }
+                }
                 let expired = match this.deadline.as_mut() {
                     Some(sleep) => sleep.as_mut().poll(cx).is_ready(),
                     None => false,
@@ -292,6 +355,9 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // An answer began: the first-byte limit is met.
+        self.first_byte = None;
+        self.first_byte_limit = None;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -299,6 +365,8 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.first_byte = None;
+        self.first_byte_limit = None;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

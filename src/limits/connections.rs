@@ -151,6 +151,7 @@ where
                 &buf[len..],
                 limits.body_timeout,
             );
+            stream.expect_answer_within(limits.first_byte_timeout);
 
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {

@@ -32,6 +32,7 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::services::listening::Service;
 use pingora_proxy::{HttpProxy, ProxyHttp};
 
+pub use body::is_first_byte_timeout;
 pub use connections::LimitedHttp;
 pub use memory::run_trimmer as run_memory_trimmer;
 

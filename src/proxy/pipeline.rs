@@ -278,6 +278,12 @@ pub fn proxy_failure(e: &Error, ctx: &mut Ctx) -> Option<ApiError> {
     if let Some(refused) = ctx.body_error.take() {
         return Some(refused);
     }
+    if crate::limits::is_first_byte_timeout(e) {
+        // Flowise did not begin answering within UPSTREAM_FIRST_BYTE_TIMEOUT_MS.
+        UpstreamFailure::Timeout.count();
+        ctx.upstream_failure = Some(UpstreamFailure::Timeout.label());
+        return Some(UpstreamFailure::Timeout.api_error());
+    }
     match e.esource() {
         pingora_core::ErrorSource::Downstream => None,
         pingora_core::ErrorSource::Upstream => Some(upstream_failed(e, ctx)),

@@ -62,8 +62,8 @@ pub async fn refund(db: &Db, keys: &[Vec<u8>]) -> StoreResult<()> {
 pub async fn prune(db: &Db, window_secs: f64) -> StoreResult<u64> {
     let c = db.get().await?;
     Ok(c.execute(
-        "DELETE FROM login_attempts WHERE window_start < now() - make_interval(secs => $1 * 2)",
-        &[&window_secs],
+        "DELETE FROM login_attempts WHERE window_start < now() - make_interval(secs => $1)",
+        &[&(window_secs * 2.0)],
     )
     .await?)
 }
