@@ -655,3 +655,45 @@ async fn first_byte_and_stream_idle_limits_are_separate() {
     );
     w.assert_books_balance().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voided_credits_are_counted() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("voided", 5, FLOW).await;
+    w.flowise.set_fail(Fail::Status500);
+    for _ in 0..3 {
+        let r = w
+            .post(
+                &format!("/api/v1/prediction/{FLOW}"),
+                &token,
+                &json!({"question": "hi"}),
+            )
+            .await;
+        assert_eq!(r.status(), 500);
+    }
+    assert_eq!(w.wait_settled(uid).await, (5, 0));
+    // The counter moves just after the settlement is written: poll, bounded.
+    let deadline = std::time::Instant::now() + WAIT;
+    let voided = loop {
+        let text = w
+            .http
+            .get(format!("{}/metrics", w.proxy.metrics_url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let voided: f64 = text
+            .lines()
+            .find(|l| l.starts_with("flowise_proxy_credits_total{kind=\"voided\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .expect("voided series");
+        if voided >= 3.0 || std::time::Instant::now() > deadline {
+            break voided;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(voided, 3.0, "three holds of 1 credit given back");
+}
