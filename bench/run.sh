@@ -40,7 +40,7 @@
 # CONNECTIONS connections as wrk2 would: the p99 each server adds over going
 # direct.
 #
-# Environment: USERS (1000), BENCH_PG, REPS (3), DURATION (7s per run),
+# Environment: USERS (1000), BENCH_PG, REPS (3), DURATION (6s per run),
 # WARMUP (1s before each run), CONNECTIONS (64), THREADS (2), ONLY, SERVERS
 # ("nginx bare proxy"), RESULTS (file for the raw per-run lines; default a
 # temporary file, shown at the end). Needs psql, curl, python3.
@@ -50,7 +50,7 @@ ROOT="$(pwd)"
 USERS="${USERS:-1000}"
 BENCH_PG="${BENCH_PG:-postgresql://postgres@127.0.0.1:5432/postgres}"
 REPS="${REPS:-3}"
-DURATION="${DURATION:-7s}"
+DURATION="${DURATION:-6s}"
 OPEN_LOOP_REPS="${OPEN_LOOP_REPS:-2}"
 OPEN_LOOP_SECONDS="${OPEN_LOOP_SECONDS:-6}"
 WARMUP="${WARMUP:-1s}"
@@ -256,20 +256,17 @@ server_pids() { # server
         direct) echo "$DOUBLE_PID" ;;
     esac
 }
-# PostgreSQL: the backends serving the benchmark's database, plus the
-# cluster's shared processes (postmaster, WAL writer, checkpointer, background
-# writer: they work for every database, ours included). Backends of other
-# databases on the same cluster are left out: on a shared machine they are
-# somebody else's load.
+# PostgreSQL: the backends serving the benchmark's database (the proxy's
+# pool; parallel and autovacuum workers on it too). The cluster's shared
+# processes (WAL writer, checkpointer, background writer) are left out: on a
+# shared machine they mostly work for other databases, and the backend
+# flushes its own commit's WAL.
 pg_ticks() {
     local total=0 p cmd stat
     for p in $(grep -lx postgres /proc/[0-9]*/comm 2>/dev/null | cut -d/ -f3); do
-        cmd="$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null)" || continue
         # A backend's title is "postgres: CLUSTER: USER DATABASE HOST(PORT) STATE".
-        case "$cmd" in
-            *" $DB "*) ;;
-            *"("*) continue ;;
-        esac
+        cmd="$(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline")" 2>/dev/null || continue
+        case "$cmd" in *" $DB "*) ;; *) continue ;; esac
         stat="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
         total=$((total + $(awk '{print $12 + $13}' <<<"${stat##*) }")))
     done

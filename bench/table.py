@@ -135,8 +135,8 @@ def main():
     lines.append(
         "req/s: median of the repetitions (min–max in brackets); socket errors and "
         "non-2xx: summed over the repetitions; CPU: user + system time of the "
-        "server's processes (nginx: master + workers) and of every PostgreSQL "
-        "process, divided by the requests."
+        "server's processes (nginx: master + workers) and of the PostgreSQL "
+        "backends serving the benchmark's database, divided by the requests."
     )
     lines += open_loop_table(s)
     print("\n".join(lines))
