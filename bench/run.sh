@@ -292,22 +292,24 @@ scenario_args() {
     esac
 }
 
-# Waits (at most 30 s) until no credits are held: every debit settled.
+# Waits (at most 60 s) until no credits are held: every debit settled.
+# Prints how long that took, in milliseconds.
 settled() {
-    local held
-    for _ in $(seq 1 300); do
+    local held start=$(date +%s%N)
+    for _ in $(seq 1 600); do
         held="$(psql -tAq "$DATABASE_URL" -c 'SELECT coalesce(sum(held), 0) FROM accounts')"
-        [ "$held" = "0" ] && return 0
+        [ "$held" = "0" ] && break
         sleep 0.1
     done
-    log "credits still held after 30 s: $held"
+    [ "$held" = "0" ] || log "credits still held after 60 s: $held"
+    echo $(( ($(date +%s%N) - start) / 1000000 ))
 }
 
 measure() { # rep scenario server
     local rep="$1" scenario="$2" server="$3" url mode hot events gap pids
     url="$(server_url "$server")"
     pids="$(server_pids "$server")"
-    local s0 p0 s1 p1 out result
+    local s0 p0 s1 p1 out result settle_ms=""
     if [ "$scenario" = open-loop ]; then
         # shellcheck disable=SC2086
         s0="$(ticks_of $pids)"
@@ -326,7 +328,7 @@ measure() { # rep scenario server
         # backlog drain before the CPU is read, so that the settlement's cost
         # (in the proxy and in PostgreSQL) is in this row and not in the next.
         if [ "$server" = proxy ] && [ "$mode" != ping ] && [ "$mode" != chatflow ]; then
-            settled
+            settle_ms="$(settled)"
         fi
     fi
     # shellcheck disable=SC2086
@@ -334,9 +336,9 @@ measure() { # rep scenario server
     p1="$(pg_ticks)"
     result="$(grep '^RESULT' <<<"$out" | head -n 1 | sed 's/^RESULT //')"
     [ -n "$result" ] || die "no result for $scenario on $server: $out"
-    printf 'rep=%s scenario=%s server=%s %s server_ticks=%s pg_ticks=%s hz=%s\n' \
+    printf 'rep=%s scenario=%s server=%s %s server_ticks=%s pg_ticks=%s hz=%s%s\n' \
         "$rep" "$scenario" "$server" "$result" $((s1 - s0)) $((p1 - p0)) "$(getconf CLK_TCK)" \
-        | tee -a "$RESULTS" >&2
+        "${settle_ms:+ settle_ms=$settle_ms}" | tee -a "$RESULTS" >&2
 }
 
 # Every server must answer every scenario's request before we time it.
@@ -385,7 +387,7 @@ if [ "$OPEN_LOOP_REPS" -gt 0 ]; then
 fi
 
 # --- the books and the table -------------------------------------------------------
-settled
+settled >/dev/null
 LEDGER="$("$BIN" ledger verify 2>&1 | tail -n 1)"
 log "ledger verify: $LEDGER"
 log "proxy RSS at the end: $(awk '/VmRSS/ {print $2, $3}' "/proc/$PROXY_PID/status")"

@@ -44,6 +44,15 @@ def parse(path):
     return runs
 
 
+def settle_times(path):
+    """scenario -> the settlement waits (ms) after flowise-proxy's runs."""
+    out = OrderedDict()
+    for r in parse(path):
+        if "settle_ms" in r:
+            out.setdefault(r["scenario"], []).append(int(r["settle_ms"]))
+    return out
+
+
 def summarize(runs):
     groups = OrderedDict()
     for r in runs:
@@ -138,6 +147,17 @@ def main():
         "server's processes (nginx: master + workers) and of the PostgreSQL "
         "backends serving the benchmark's database, divided by the requests."
     )
+    settle = [
+        f"{SCENARIOS.get(sc, sc)} {statistics.median(ms) / 1000:.1f} s"
+        for sc, ms in settle_times(a.results).items()
+    ]
+    if settle:
+        lines.append("")
+        lines.append(
+            "flowise-proxy's debit rows include settling: after each timed run the "
+            "harness waits until no credits are held before it reads the CPU counters. "
+            "That wait (median): " + "; ".join(settle) + "."
+        )
     lines += open_loop_table(s)
     print("\n".join(lines))
 
