@@ -3,10 +3,11 @@
 #
 #   bash bench/predict.sh PROXY_URL CHATFLOW_ID TOKENS_FILE
 #
-# Runs five measurements against PROXY_URL (e.g. http://127.0.0.1:8000):
+# Runs six measurements against PROXY_URL (e.g. http://127.0.0.1:8000):
 #   anon          unauthenticated pass-through GET /api/v1/chatflows-streaming/ID
 #   ping-many     authenticated pass-through GET /api/v1/ping, tokens rotating
 #   ping-hot      the same, one user
+#   chatflow      authenticated GET /api/v1/chatflows/CHATFLOW_ID (granted read)
 #   predict-many  debited POST /api/v1/prediction/CHATFLOW_ID, tokens rotating
 #                 over every user in TOKENS_FILE (1000 users recommended)
 #   predict-hot   the same, one user (row-lock contention on one balance)
@@ -19,7 +20,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 if [ $# -ne 3 ]; then
-    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 URL="${1%/}"
@@ -29,7 +30,7 @@ DURATION="${DURATION:-20s}"
 CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
 WARMUP="${WARMUP:-3s}"
-ONLY="${ONLY:-anon ping-many ping-hot predict-many predict-hot}"
+ONLY="${ONLY:-anon ping-many ping-hot chatflow predict-many predict-hot}"
 
 [ -s "$TOKENS" ] || { echo "bench: token file $TOKENS is missing or empty" >&2; exit 2; }
 
@@ -84,6 +85,7 @@ for c in $ONLY; do
         anon) run_case anon anon 0 ;;
         ping-many) run_case ping-many ping 0 ;;
         ping-hot) run_case ping-hot ping 1 ;;
+        chatflow) run_case chatflow chatflow 0 ;;
         predict-many) run_case predict-many predict 0 ;;
         predict-hot) run_case predict-hot predict 1 ;;
         *) echo "bench: unknown case $c" >&2; exit 2 ;;
