@@ -141,6 +141,7 @@ impl BackgroundService for Maintenance {
         tokio::spawn(snapshot.run_listener(app.cfg.database_url.clone()));
         app.auth.start_background();
         tokio::spawn(app.ledger.clone().run_settler());
+        tokio::spawn(app.ledger.clone().run_hold_writers());
         tokio::spawn(app.ledger.clone().run_renewer(app.cfg.hold_ttl));
         tokio::spawn(
             app.ledger

@@ -428,3 +428,45 @@ async fn a_request_outliving_the_hold_ttl_is_charged_once() {
     assert_eq!(expired, 0, "a running request's hold never expires");
     w.assert_books_balance().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_and_four_hundred_predictions_on_thirty_seven_credits() {
+    let w = World::start().await;
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        others.push(w.second_instance(|o| o).await);
+    }
+    let (uid, token) = w.user_with("spread", 37, FLOW).await;
+    let mut urls = vec![predict_url(&w.proxy.base_url)];
+    urls.extend(others.iter().map(|p| predict_url(&p.base_url)));
+    let (ok, short) = burst(urls, &token, 400).await;
+    assert_eq!((ok, short), (37, 363), "exactly the balance, never more");
+    assert_eq!(w.flowise.prediction_count(), 37);
+    assert_eq!(w.wait_settled(uid).await, (0, 0));
+    w.assert_books_balance().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternating_instances_use_the_whole_balance() {
+    let w = World::start().await;
+    let second = w.second_instance(|o| o).await;
+    let (uid, token) = w.user_with("alternate", 10, FLOW).await;
+    let urls = [
+        predict_url(&w.proxy.base_url),
+        predict_url(&second.base_url),
+    ];
+    let http = support::proxy::client();
+    for i in 0..12 {
+        let r = http
+            .post(&urls[i % 2])
+            .bearer_auth(&token)
+            .json(&json!({"question": "hi"}))
+            .send()
+            .await
+            .expect("send");
+        let want = if i < 10 { 200 } else { 402 };
+        assert_eq!(r.status(), want, "request {i}");
+    }
+    assert_eq!(w.wait_settled(uid).await, (0, 0));
+    w.assert_books_balance().await;
+}

@@ -4,7 +4,11 @@
 //!   `DEFAULT_CREDIT_COST`), or, with `credits_per_1k_tokens`, a usage price
 //!   charged up to a hold of `max_hold`.
 //! * Admission: one atomic statement moves the price from available to held
-//!   (or refuses: 402) before Flowise is called.
+//!   (or refuses: 402) before Flowise is called. Admissions that arrive while
+//!   another batch is being written are written together, in one transaction
+//!   (one commit), statements ordered by user: each request still gets its own
+//!   hold and ledger row and waits for the commit before Flowise is called; a
+//!   failed batch answers every request in it 503, none goes through unpaid.
 //! * Settlement: exactly once per hold, off the response path, through a queue
 //!   that retries until the database has it:
 //!   see `settlement` for the rule (captured when Flowise completed a
@@ -140,6 +144,7 @@ pub async fn verify(db: &Db, hold_ttl: Duration) -> Result<Vec<String>, StoreErr
 #[derive(Debug, Clone)]
 pub struct Hold {
     pub id: Uuid,
+    pub user_id: i64,
     pub price: Price,
     pub available_after: i64,
 }
@@ -154,13 +159,31 @@ pub enum Admission {
 
 struct Job {
     hold_id: Uuid,
+    user_id: i64,
     kind: SettleKind,
     amount: i64,
     queued_at: Instant,
 }
 
+/// One admission waiting for its batch.
+struct HoldRequest {
+    hold_id: Uuid,
+    request_id: String,
+    user_id: i64,
+    chatflow_id: String,
+    amount: i64,
+    reply: tokio::sync::oneshot::Sender<Result<Option<i64>, StoreError>>,
+}
+
+/// Admissions written in one transaction, at most.
+const HOLD_BATCH: usize = 256;
+/// Batches being written at once (each on its own connection).
+const HOLD_WRITERS: usize = 2;
+
 pub struct Ledger {
     db: Db,
+    holds: tokio::sync::mpsc::Sender<HoldRequest>,
+    pending_holds: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<HoldRequest>>>,
     /// Holds of requests in flight on this instance (renewed until settled).
     live: Mutex<std::collections::HashMap<Uuid, i64>>,
     queue: Mutex<VecDeque<Job>>,
@@ -170,8 +193,11 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(db: Db) -> Arc<Ledger> {
+        let (holds, pending) = tokio::sync::mpsc::channel(8192);
         Arc::new(Ledger {
             db,
+            holds,
+            pending_holds: tokio::sync::Mutex::new(Some(pending)),
             live: Mutex::new(std::collections::HashMap::new()),
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -191,7 +217,22 @@ impl Ledger {
             return Ok(Admission::Free);
         }
         let id = Uuid::now_v7();
-        match sql::place_hold(&self.db, id, request_id, user_id, chatflow_id, price.hold).await {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = HoldRequest {
+            hold_id: id,
+            request_id: request_id.to_string(),
+            user_id,
+            chatflow_id: chatflow_id.to_string(),
+            amount: price.hold,
+            reply,
+        };
+        let placed = match self.holds.send(request).await {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("hold writer stopped".into()))),
+            Err(_) => Err(StoreError::Unavailable("hold writer stopped".into())),
+        };
+        match placed {
             Ok(Some(available_after)) => {
                 self.live.lock().insert(id, user_id);
                 crate::metrics::CREDITS
@@ -199,6 +240,7 @@ impl Ledger {
                     .inc_by(price.hold as u64);
                 Ok(Admission::Held(Hold {
                     id,
+                    user_id,
                     price,
                     available_after,
                 }))
@@ -216,6 +258,79 @@ impl Ledger {
         }
     }
 
+    /// Writes admissions in batches, forever: `HOLD_WRITERS` tasks share the
+    /// queue; each takes what is waiting (up to `HOLD_BATCH`) and writes it
+    /// in one transaction.
+    pub async fn run_hold_writers(self: Arc<Self>) {
+        let Some(rx) = self.pending_holds.lock().await.take() else {
+            return;
+        };
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let writers = (0..HOLD_WRITERS).map(|_| {
+            let me = self.clone();
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = Vec::new();
+                    {
+                        let mut rx = rx.lock().await;
+                        match rx.recv().await {
+                            Some(first) => batch.push(first),
+                            None => return,
+                        }
+                        while batch.len() < HOLD_BATCH {
+                            match rx.try_recv() {
+                                Ok(more) => batch.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    me.write_holds(batch).await;
+                }
+            })
+        });
+        futures::future::join_all(writers).await;
+    }
+
+    async fn write_holds(&self, mut batch: Vec<HoldRequest>) {
+        batch.sort_by_key(|h| h.user_id);
+        let results = match self.place_holds(&batch).await {
+            Ok(placed) => placed.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => {
+                log::warn!("a batch of {} admissions failed: {e}", batch.len());
+                batch
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                    .collect()
+            }
+        };
+        for (h, r) in batch.into_iter().zip(results) {
+            let _ = h.reply.send(r);
+        }
+    }
+
+    async fn place_holds(&self, batch: &[HoldRequest]) -> Result<Vec<Option<i64>>, StoreError> {
+        let mut c = self.db.get().await?;
+        let tx = c.transaction().await?;
+        let placed = futures::future::join_all(batch.iter().map(|h| {
+            sql::place_hold(
+                &tx,
+                h.hold_id,
+                &h.request_id,
+                h.user_id,
+                &h.chatflow_id,
+                h.amount,
+            )
+        }))
+        .await;
+        let mut out = Vec::with_capacity(placed.len());
+        for p in placed {
+            out.push(p?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
     /// Queues the settlement of `hold` (returns at once). Returns what will be
     /// captured, for the access log.
     pub fn settle(&self, hold: &Hold, outcome: &UpstreamOutcome) -> i64 {
@@ -228,6 +343,7 @@ impl Ledger {
         self.live.lock().remove(&hold.id);
         self.queue.lock().push_back(Job {
             hold_id: hold.id,
+            user_id: hold.user_id,
             kind,
             amount,
             queued_at: Instant::now(),
@@ -287,16 +403,27 @@ impl Ledger {
 
     /// Writes a batch on one connection, pipelined. Each settlement is its own
     /// statement, guarded by `state = 'open'`, so a retried batch is harmless.
+    ///
+    /// One transaction (one commit) per batch, its statements pipelined and
+    /// ordered by user so that concurrent batches of other instances lock
+    /// accounts in the same order (no deadlock).
     async fn write_batch(&self, batch: &[Job]) -> Result<(), StoreError> {
-        let c = self.db.get().await?;
+        let mut order: Vec<&Job> = batch.iter().collect();
+        order.sort_by_key(|j| j.user_id);
+        let mut c = self.db.get().await?;
+        let tx = c.transaction().await?;
         let results = futures::future::join_all(
-            batch
+            order
                 .iter()
-                .map(|j| sql::settle(&c, j.hold_id, j.kind, j.amount)),
+                .map(|j| sql::settle(&tx, j.user_id, j.hold_id, j.kind, j.amount)),
         )
         .await;
-        for (job, r) in batch.iter().zip(results) {
-            let settled = r?;
+        let mut settled_all = Vec::with_capacity(order.len());
+        for r in results {
+            settled_all.push(r?);
+        }
+        tx.commit().await?;
+        for (job, settled) in order.into_iter().zip(settled_all) {
             let label = match job.kind {
                 SettleKind::Capture => "captured",
                 _ => "voided",

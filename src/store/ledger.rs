@@ -9,16 +9,16 @@ use uuid::Uuid;
 use super::{Db, StoreError, StoreResult};
 
 /// Places a hold: moves `amount` from available to held and writes the `hold`
-/// ledger row, in one round trip. `None` when the balance is too low.
+/// ledger row, in one statement. `None` when the balance is too low. Runs
+/// inside the caller's transaction (a batch of admissions, one commit).
 pub async fn place_hold(
-    db: &Db,
+    c: &deadpool_postgres::Transaction<'_>,
     hold_id: Uuid,
     request_id: &str,
     user_id: i64,
     chatflow_id: &str,
     amount: i64,
-) -> StoreResult<Option<i64>> {
-    let c = db.get().await?;
+) -> Result<Option<i64>, tokio_postgres::Error> {
     let stmt = c
         .prepare_cached(
             "WITH a AS (
@@ -69,7 +69,8 @@ impl SettleKind {
 /// rest. Returns the captured amount, or `None` when the hold was already settled
 /// (replays change nothing).
 pub async fn settle(
-    c: &deadpool_postgres::Object,
+    c: &deadpool_postgres::Transaction<'_>,
+    user_id: i64,
     hold_id: Uuid,
     kind: SettleKind,
     capture: i64,
@@ -78,7 +79,7 @@ pub async fn settle(
         .prepare_cached(
             "WITH h AS (
                 UPDATE holds SET state = $2, captured = LEAST($3, amount), settled_at = now()
-                WHERE hold_id = $1 AND state = 'open'
+                WHERE user_id = $5 AND hold_id = $1 AND state = 'open'
                 RETURNING user_id, amount, LEAST($3, amount) AS kept, request_id, chatflow_id
              ), a AS (
                 UPDATE accounts SET held = held - h.amount, available = available + (h.amount - h.kept),
@@ -99,7 +100,13 @@ pub async fn settle(
     let row = c
         .query_opt(
             &stmt,
-            &[&hold_id, &kind.state(), &capture, &kind.ledger_kind()],
+            &[
+                &hold_id,
+                &kind.state(),
+                &capture,
+                &kind.ledger_kind(),
+                &user_id,
+            ],
         )
         .await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
