@@ -168,7 +168,16 @@ pub fn main() -> i32 {
                 nocapture: cli.serve.nocapture || flags.nocapture,
             },
         ),
-        Some(cmd) => admin(cmd, &common),
+        Some(cmd) => {
+            // An admin command's output piped into `head` ends quietly when the
+            // reader closes, as a Unix tool does, instead of panicking on EPIPE.
+            // SAFETY: resetting a signal disposition at start-up, before any
+            // thread of ours exists.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            admin(cmd, &common)
+        }
     }
 }
 

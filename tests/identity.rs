@@ -460,3 +460,31 @@ async fn the_readme_curl_flow_works_as_written() {
         "the revoked token no longer works"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granting_a_chatflow_not_yet_synced_says_what_to_do() {
+    let w = World::start().await;
+    w.add_user("boss", "admin", 0);
+    let admin = w.login("boss").await;
+    w.add_user("dora", "user", 0);
+    let r = w
+        .post(
+            &format!(
+                "/admin/chatflows/{}/users",
+                support::flowise::UNKNOWN_CHATFLOW_ID
+            ),
+            &admin,
+            &json!({"username": "dora"}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "not_found");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/admin/chatflows/sync"),
+        "{v}"
+    );
+}

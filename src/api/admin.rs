@@ -338,7 +338,13 @@ pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
             let b: GrantBody = parse_body(call)?;
             let user_id = resolve_user(app, &b).await?;
             if !app.auth.snapshot.get().chatflows.contains_key(&id) {
-                return Err(ApiError::not_found());
+                return Err(ApiError::new(
+                    404,
+                    "not_found",
+                    "This chatflow is not in the catalogue: grants name chatflows the proxy \
+                     synced from Flowise; run POST /admin/chatflows/sync (or wait for the \
+                     periodic sync) after creating it in Flowise",
+                ));
             }
             let created = store::identity::grant(&app.db, user_id, &id).await?;
             audit_identity_change(
