@@ -17,6 +17,10 @@ use serde::Serialize;
 
 /// Lines waiting for the writer thread, at most.
 const QUEUE: usize = 4_096;
+/// Bytes written in one system call, about.
+const BATCH_BYTES: usize = 256 << 10;
+/// The writer's pause between batches.
+const GATHER: Duration = Duration::from_millis(2);
 
 #[derive(Serialize)]
 pub struct Line<'a> {
@@ -52,16 +56,28 @@ static WRITER: Lazy<SyncSender<String>> = Lazy::new(|| {
         .spawn(move || {
             let stdout = std::io::stdout();
             while let Ok(first) = rx.recv() {
-                let mut out = stdout.lock();
-                let _ = out.write_all(first.as_bytes());
+                // Whatever is queued goes out in one write: one system call
+                // per batch, not one per request.
+                let mut batch = first;
                 let mut written = 1;
-                // Write whatever else is queued under the same lock.
-                while let Ok(more) = rx.try_recv() {
-                    let _ = out.write_all(more.as_bytes());
-                    written += 1;
+                while batch.len() < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(more) => {
+                            batch.push_str(&more);
+                            written += 1;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                let _ = out.flush();
+                {
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(batch.as_bytes());
+                    let _ = out.flush();
+                }
                 PENDING.fetch_sub(written, Ordering::SeqCst);
+                // Let lines gather: under load the writer then wakes once per
+                // pause, not once per request (a line waits at most this long).
+                std::thread::sleep(GATHER);
             }
         });
     if let Err(e) = spawned {
