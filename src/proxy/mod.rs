@@ -4,13 +4,13 @@
 //!
 //! ```text
 //!  client ─▶ request_filter  (pipeline.rs: decides, never forwards)
-//!              ├─ route (route.rs) · CORS preflight answered
-//!              ├─ auth/    identity from the in-memory snapshot
+//!              ├─ route (crate::route) · CORS preflight answered
+//!              ├─ auth/    identity from the in-memory snapshot (database on a miss)
 //!              ├─ access   chatflow grant from the snapshot (404 / 403)
 //!              ├─ own endpoint?   api/ ─▶ JSON response, done
 //!              ├─ prediction?     predict.rs: seed body read (≤ 64 KiB),
 //!              │                  conversation checked, ledger hold (402 / 503)
-//!              └─ Flowise route?  drop_in.rs: ownership, rebuilt query
+//!              └─ Flowise route?  flowise_route.rs: ownership, rebuilt query
 //!        upstream_peer ─▶ upstream/ healthy Flowise not yet tried (pooled)
 //!      fail_to_connect ─▶ refused before any byte was sent: next server
 //! upstream_request_filter ─▶ strip credentials + hop-by-hop, Flowise key,
