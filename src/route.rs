@@ -379,48 +379,17 @@ impl Route {
     }
 
     /// The documented name of a route (unique per endpoint, the OpenAPI
-    /// `operationId`); `None` for answers that are not endpoints. The match has
-    /// no wildcard on purpose: a new variant does not compile until it is named
-    /// here, and the tests below then require its entry in `ENDPOINTS`.
-    /// Only the tests need it: `ENDPOINTS` carries the names for everything else.
+    /// `operationId`); `None` for answers that are not endpoints. It is the
+    /// metrics label of `name` (whose match has no wildcard, so a new variant
+    /// does not compile until it is named), refined per admin route; the
+    /// tests below then require its entry in `ENDPOINTS`.
     #[cfg(test)]
     pub fn operation(&self) -> Option<&'static str> {
-        use Route::*;
-        let name = match self {
-            Root => "root",
-            Health => "health",
-            Info => "info",
-            OpenApi => "openapi",
-            Docs => "docs",
-            DocsAsset(_) => "docs_asset",
-            Authenticate => "chat_authenticate",
-            Refresh => "chat_refresh",
-            Revoke => "chat_revoke",
-            ApiKeys => "chat_api_keys",
-            ApiKeyRevoke(_) => "chat_api_key_revoke",
-            Credits => "chat_credits",
-            Predict => "chat_predict",
-            Sessions => "chat_sessions",
-            SessionHistory(_) => "chat_session_history",
-            SessionDelete(_) => "chat_session_delete",
-            Chatflows => "chatflows",
-            Chatflow(_) => "chatflow",
-            ChatflowConfig(_) => "chatflow_config",
-            Admin(a) => a.operation(),
-            FlowisePrediction(_) => "flowise_prediction",
-            FlowiseChatflows => "flowise_chatflows",
-            FlowiseChatflow(_) => "flowise_chatflow",
-            FlowiseChatbotConfig(_) => "flowise_chatbot_config",
-            FlowiseChatflowStreaming(_) => "flowise_chatflow_streaming",
-            FlowiseChatMessage(_) => "flowise_chatmessage",
-            FlowiseAttachments(_, _) => "flowise_attachments",
-            FlowiseUploadFile => "flowise_upload_file",
-            FlowisePing => "flowise_ping",
-            FlowiseSecret => "flowise_secret",
-            FlowiseOther => "flowise_other",
-            CorsPreflight | NotFound | MethodNotAllowed => return None,
-        };
-        Some(name)
+        match self {
+            Route::CorsPreflight | Route::NotFound | Route::MethodNotAllowed => None,
+            Route::Admin(a) => Some(a.operation()),
+            _ => Some(self.name()),
+        }
     }
 
     /// Every endpoint, for `/info` and `/openapi.json`.
