@@ -58,7 +58,14 @@ impl StreamObserver {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii_start()) else {
+        let data = data.trim_ascii_start();
+        // Most events are tokens, which settlement needs only to know that an
+        // answer began: no JSON parse (and no allocation) for them.
+        if data.starts_with(br#"{"event":"token","#) {
+            self.seen.answered = true;
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
             return;
         };
         let event = v.get("event").and_then(Value::as_str).unwrap_or("");
