@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::auth::{Auth, SnapshotStore};
 use crate::config::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{LeasePolicy, Ledger};
 use crate::sessions::SessionBindings;
 use crate::store::Db;
 use crate::upstream::Upstreams;
@@ -30,7 +30,14 @@ impl App {
         let upstreams = Upstreams::new(&cfg)?;
         Ok(Arc::new(App {
             auth: Auth::new(&cfg, snapshot, db.clone()),
-            ledger: Ledger::new(db.clone()),
+            ledger: Ledger::new(
+                db.clone(),
+                LeasePolicy {
+                    predictions: cfg.credit_lease_predictions,
+                    idle: cfg.credit_lease_idle,
+                    hold_ttl: cfg.hold_ttl,
+                },
+            ),
             sessions: SessionBindings::new(),
             upstreams,
             db,

@@ -29,6 +29,11 @@ pub struct Config {
     pub upstream_read_timeout: Duration,
     pub default_credit_cost: i64,
     pub hold_ttl: Duration,
+    /// A credit lease holds this many predictions' prices (0: exact holds
+    /// only); see `src/ledger/lease.rs`.
+    pub credit_lease_predictions: i64,
+    /// A lease unused this long is closed (its rest goes back to the balance).
+    pub credit_lease_idle: Duration,
     pub log_json: bool,
     pub debug: bool,
     pub migrate_on_start: bool,
@@ -571,6 +576,10 @@ impl Config {
         if hold_ttl == 0 {
             errs.push("HOLD_TTL_SECONDS: must be positive".into());
         }
+        let credit_lease_predictions = src.parse("CREDIT_LEASE_PREDICTIONS", 32i64, errs);
+        if !(0..=1_000_000).contains(&credit_lease_predictions) {
+            errs.push("CREDIT_LEASE_PREDICTIONS: must be between 0 and 1000000".into());
+        }
         let log_format = src.get_or("LOG_FORMAT", "json");
         let log_json = match log_format.to_ascii_lowercase().as_str() {
             "json" | "" => true,
@@ -590,6 +599,7 @@ impl Config {
         let catalog_sync_interval = ms("CATALOG_SYNC_INTERVAL_MS", 60_000, errs);
         let snapshot_reload_interval = ms("SNAPSHOT_RELOAD_INTERVAL_MS", 5_000, errs);
         let sweeper_interval = ms("SWEEPER_INTERVAL_MS", 10_000, errs);
+        let credit_lease_idle = ms("CREDIT_LEASE_IDLE_MS", 5_000, errs);
         let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
         let login_attempts_per_minute = src.parse("LOGIN_ATTEMPTS_PER_MINUTE", 10u32, errs);
         let client_limits = client_limits(src, errs);
@@ -616,6 +626,8 @@ impl Config {
             upstream_read_timeout: Duration::from_millis(read_ms),
             default_credit_cost,
             hold_ttl: Duration::from_secs(hold_ttl),
+            credit_lease_predictions,
+            credit_lease_idle,
             log_json,
             debug,
             migrate_on_start,

@@ -143,6 +143,12 @@ impl BackgroundService for Maintenance {
         tokio::spawn(app.ledger.clone().run_settler());
         tokio::spawn(app.ledger.clone().run_hold_writers());
         tokio::spawn(app.ledger.clone().run_renewer(app.cfg.hold_ttl));
+        tokio::spawn(app.ledger.clone().run_lease_closer());
+        tokio::spawn(
+            app.ledger
+                .clone()
+                .run_recall_listener(app.cfg.database_url.clone()),
+        );
         tokio::spawn(
             app.ledger
                 .clone()
@@ -219,6 +225,7 @@ async fn wait_idle(app: &App, limit: Duration) {
     while crate::metrics::IN_FLIGHT.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    app.ledger.close_all_leases();
     app.ledger.drain(Duration::from_secs(10)).await;
     crate::access_log::flush(Duration::from_secs(2));
 }

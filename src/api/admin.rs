@@ -136,7 +136,7 @@ pub async fn handle(app: &App, call: &Call, route: AdminRoute) -> ApiResult {
         ))),
         GetUser(id) => {
             let u = store::identity::get_user(&app.db, id).await?;
-            let (available, held) = ledger::balance(&app.db, id).await?.unwrap_or((0, 0));
+            let (available, held) = app.ledger.balance(id).await?.unwrap_or((0, 0));
             let mut v = json!(u);
             v["credits"] = json!(available);
             v["held"] = json!(held);

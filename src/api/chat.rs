@@ -112,9 +112,7 @@ pub async fn api_key_revoke(app: &App, call: &Call, key_id: i64) -> ApiResult {
 
 pub async fn credits(app: &App, call: &Call) -> ApiResult {
     let who = identity(call)?;
-    let (available, held) = crate::ledger::balance(&app.db, who.user_id)
-        .await?
-        .unwrap_or((0, 0));
+    let (available, held) = app.ledger.balance(who.user_id).await?.unwrap_or((0, 0));
     Ok(Reply::ok(json!({"credits": available, "held": held})))
 }
 

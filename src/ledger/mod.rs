@@ -3,12 +3,28 @@
 //! * Price: a chatflow's `credit_cost` per prediction (default
 //!   `DEFAULT_CREDIT_COST`), or, with `credits_per_1k_tokens`, a usage price
 //!   charged up to a hold of `max_hold`.
-//! * Admission: one atomic statement moves the price from available to held
-//!   (or refuses: 402) before Flowise is called. Admissions that arrive while
-//!   another batch is being written are written together, in one transaction
-//!   (one commit), statements ordered by user: each request still gets its own
-//!   hold and ledger row and waits for the commit before Flowise is called; a
-//!   failed batch answers every request in it 503, none goes through unpaid.
+//! * Admission, on a lease (the usual case, no database round trip): the
+//!   instance took a block of the user's credits (`CREDIT_LEASE_PREDICTIONS`
+//!   prices) out of their available balance in one statement, and admits
+//!   their predictions against it in memory (`lease.rs`). Each prediction
+//!   still gets its own ledger row (`charge`, or `void`), written by the
+//!   settlement batches. Unused leases close after `CREDIT_LEASE_IDLE_MS`.
+//! * Admission, exact: one atomic statement moves the price from available
+//!   to held (or refuses: 402) before Flowise is called; used when leases are
+//!   off, while the database or the recall channel is unreachable (so an
+//!   outage is a 503), and for a while after a recall. Admissions (and lease
+//!   takes) that arrive while another batch is being written are written
+//!   together, in one transaction (one commit), statements ordered by user;
+//!   a failed batch answers every request in it 503, none goes through unpaid.
+//! * Never short of the whole balance: before a 402, the instance gives back
+//!   its own leases' unused credits and asks every other instance for theirs
+//!   (`NOTIFY flowise_proxy_ledger`, `RECALL_WAIT` at most), then tries once
+//!   more. A dead instance's leases come back after `HOLD_TTL_SECONDS`.
+//! * A kill -9 loses only what was answered and not yet written (the
+//!   settlement queue, at most `LEASE_QUEUE_LIMIT` rows while leases are in
+//!   use), in the user's favour: the dead instance's leases expire whole.
+//! * Distribution: every statement touches one user's rows and names its
+//!   `user_id` (the tables can be distributed by it); see the README.
 //! * Settlement: exactly once per hold, off the response path, through a queue
 //!   that retries until the database has it:
 //!   see `settlement` for the rule (captured when Flowise completed a
@@ -23,7 +39,7 @@
 //!   silently.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +51,8 @@ use crate::store::catalog::ChatflowRow;
 use crate::store::ledger::{self as sql, SettleKind};
 use crate::store::{Db, StoreError};
 use crate::upstream::sse::Observation;
+
+mod lease;
 
 /// The price of one prediction on a chatflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,9 +147,16 @@ pub async fn change_balance(
     sql::adjust(db, user_id, amount, kind, reason, idempotency_key, actor_id).await
 }
 
-/// `(available, held)` of one user; `None` for an unknown user.
+/// `(credits, held)` of one user as the database sees them: the unused part
+/// of open leases counts as the user's credits. `None` for an unknown user.
+/// (`Ledger::balance` also knows this instance's running predictions.)
 pub async fn balance(db: &Db, user_id: i64) -> Result<Option<(i64, i64)>, StoreError> {
-    sql::balance(db, user_id).await
+    Ok(sql::balance_with_leases(db, user_id)
+        .await?
+        .map(|(available, held, leases)| {
+            let leased: i64 = leases.iter().map(|(_, open)| open).sum();
+            (available + leased, (held - leased).max(0))
+        }))
 }
 
 /// The books check behind `flowise-proxy ledger verify`: every balance equals
@@ -143,10 +168,15 @@ pub async fn verify(db: &Db, hold_ttl: Duration) -> Result<Vec<String>, StoreErr
 /// A placed hold, carried in the request context until settlement.
 #[derive(Debug, Clone)]
 pub struct Hold {
+    /// The prediction's own id (its ledger rows' `hold_id`).
     pub id: Uuid,
     pub user_id: i64,
     pub price: Price,
     pub available_after: i64,
+    /// The lease it was admitted on; `None` for an exact hold (its own row).
+    pub lease: Option<Uuid>,
+    pub request_id: String,
+    pub chatflow_id: String,
 }
 
 pub enum Admission {
@@ -157,55 +187,128 @@ pub enum Admission {
     Free,
 }
 
+/// A write the settlement batches carry.
+enum Work {
+    /// An exact hold: captured or voided.
+    Settle {
+        hold_id: Uuid,
+        kind: SettleKind,
+        amount: i64,
+    },
+    /// A prediction admitted on a lease: its `charge` or `void` row.
+    Charge {
+        lease: Uuid,
+        id: Uuid,
+        kept: i64,
+        /// What its admission held (for the metrics).
+        held: i64,
+        request_id: String,
+        chatflow_id: String,
+    },
+    /// Close a lease: what is left goes back to the balance.
+    Close { lease: Uuid },
+    /// A conversation Flowise started, bound to its owner.
+    Bind {
+        session_id: String,
+        chatflow_id: String,
+    },
+}
+
 struct Job {
-    hold_id: Uuid,
     user_id: i64,
-    kind: SettleKind,
-    amount: i64,
+    work: Work,
     queued_at: Instant,
 }
 
-/// One admission waiting for its batch.
+/// What one settlement statement did.
+#[derive(Debug, Clone, Copy)]
+enum Written {
+    /// `(kept, held)`; `None`: the hold was no longer open.
+    Settled(Option<(i64, i64)>),
+    /// `false`: the lease was no longer open (nothing written).
+    Charged(bool),
+    /// The lease is closed (by this statement, or before).
+    Closed,
+    Bound,
+}
+
+/// One admission waiting for its batch: an exact hold, or a lease of up to
+/// `lease_max`.
 struct HoldRequest {
     hold_id: Uuid,
     request_id: String,
     user_id: i64,
     chatflow_id: String,
     amount: i64,
-    reply: tokio::sync::oneshot::Sender<Result<Option<i64>, StoreError>>,
+    lease_max: Option<i64>,
+    reply: tokio::sync::oneshot::Sender<Result<Option<(i64, i64)>, StoreError>>,
 }
 
 /// Admissions written in one transaction, at most.
 const HOLD_BATCH: usize = 256;
 /// Batches being written at once (each on its own connection).
 const HOLD_WRITERS: usize = 2;
+/// Settlement rows written in one transaction, at most.
+const SETTLE_BATCH: usize = 1024;
+/// How long a request that found the balance short waits for other
+/// instances to give their leases back before it is refused.
+const RECALL_WAIT: Duration = Duration::from_secs(1);
+/// Past this many queued settlement rows, admissions stop using leases
+/// (exact holds wait for the database, so the queue stops growing).
+const LEASE_QUEUE_LIMIT: usize = 256;
+/// The channel instances ask each other for leases back on.
+const RECALL_CHANNEL: &str = "flowise_proxy_ledger";
+
+/// How this instance uses credit leases.
+#[derive(Debug, Clone, Copy)]
+pub struct LeasePolicy {
+    /// A lease holds this many predictions' prices; 0 turns leases off.
+    pub predictions: i64,
+    /// Unused this long, a lease is closed.
+    pub idle: Duration,
+    /// Leases not renewed this long belong to a dead instance.
+    pub hold_ttl: Duration,
+}
 
 pub struct Ledger {
     db: Db,
+    leases: lease::LeaseBook,
+    policy: LeasePolicy,
     holds: tokio::sync::mpsc::Sender<HoldRequest>,
     pending_holds: tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<HoldRequest>>>,
-    /// Holds of requests in flight on this instance (renewed until settled).
+    /// Holds and leases of this instance to renew until settled or closed.
     live: Mutex<std::collections::HashMap<Uuid, i64>>,
     queue: Mutex<VecDeque<Job>>,
     wake: Notify,
     depth: AtomicUsize,
+    /// Leases are used only while other instances can recall them (this
+    /// instance listens) and the database takes our writes: otherwise every
+    /// admission is an exact hold (so an outage is a 503, not a lease).
+    listening: AtomicBool,
+    writes_failing: AtomicBool,
 }
 
 impl Ledger {
-    pub fn new(db: Db) -> Arc<Ledger> {
+    pub fn new(db: Db, policy: LeasePolicy) -> Arc<Ledger> {
         let (holds, pending) = tokio::sync::mpsc::channel(8192);
         Arc::new(Ledger {
             db,
+            leases: lease::LeaseBook::default(),
+            policy,
             holds,
             pending_holds: tokio::sync::Mutex::new(Some(pending)),
             live: Mutex::new(std::collections::HashMap::new()),
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             depth: AtomicUsize::new(0),
+            listening: AtomicBool::new(false),
+            writes_failing: AtomicBool::new(false),
         })
     }
 
-    /// Admission: one round trip. A database failure is an error (503), never a pass.
+    /// Admission: on one of the user's leases (no database round trip), or
+    /// with a lease or an exact hold written in the next admission batch.
+    /// A database failure is an error (503), never a pass.
     pub async fn admit(
         &self,
         user_id: i64,
@@ -216,45 +319,259 @@ impl Ledger {
         if price.hold <= 0 {
             return Ok(Admission::Free);
         }
+        let held = |id, lease, available_after| {
+            crate::metrics::CREDITS
+                .with_label_values(&["held"])
+                .inc_by(price.hold as u64);
+            Admission::Held(Hold {
+                id,
+                user_id,
+                price,
+                available_after,
+                lease,
+                request_id: request_id.to_string(),
+                chatflow_id: chatflow_id.to_string(),
+            })
+        };
+        if self.leases_usable() {
+            loop {
+                match self.leases.admit(user_id, price.hold, Instant::now()) {
+                    lease::Decision::Admitted {
+                        lease,
+                        available_after,
+                    } => return Ok(held(Uuid::now_v7(), Some(lease), available_after)),
+                    lease::Decision::Wait(mut done) => {
+                        // Bounded: the taker reports within one batch.
+                        let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|d| *d))
+                            .await;
+                    }
+                    lease::Decision::Take(done) => {
+                        let id = Uuid::now_v7();
+                        let max = price.hold.saturating_mul(self.policy.predictions);
+                        let taken = self
+                            .write_admission(
+                                user_id,
+                                chatflow_id,
+                                request_id,
+                                id,
+                                price.hold,
+                                Some(max),
+                            )
+                            .await;
+                        let outcome = match taken {
+                            Ok(Some((available, taken))) => {
+                                self.live.lock().insert(id, user_id);
+                                let (after, give_back) = self.leases.taken(
+                                    user_id,
+                                    id,
+                                    taken,
+                                    price.hold,
+                                    available,
+                                    Instant::now(),
+                                );
+                                if let Some(g) = give_back {
+                                    self.give_back(vec![g]).await;
+                                }
+                                Some(Ok(held(Uuid::now_v7(), Some(id), after)))
+                            }
+                            Ok(None) => {
+                                self.leases.not_taken(user_id);
+                                None
+                            }
+                            Err(e) => {
+                                self.leases.not_taken(user_id);
+                                Some(Err(e))
+                            }
+                        };
+                        let _ = done.send(true);
+                        match outcome {
+                            Some(Ok(a)) => return Ok(a),
+                            Some(Err(e)) => return Err(self.admission_failed(e)),
+                            // Less than one price available: the exact path
+                            // (and, when that is short too, the recall).
+                            None => break,
+                        }
+                    }
+                    lease::Decision::Exact => break,
+                }
+            }
+        }
         let id = Uuid::now_v7();
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = HoldRequest {
-            hold_id: id,
-            request_id: request_id.to_string(),
-            user_id,
-            chatflow_id: chatflow_id.to_string(),
-            amount: price.hold,
-            reply,
-        };
-        let placed = match self.holds.send(request).await {
-            Ok(()) => answer
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("hold writer stopped".into()))),
-            Err(_) => Err(StoreError::Unavailable("hold writer stopped".into())),
-        };
+        let mut placed = self
+            .write_admission(user_id, chatflow_id, request_id, id, price.hold, None)
+            .await;
+        if matches!(placed, Ok(None)) && self.policy.predictions > 0 && self.recall(user_id).await {
+            placed = self
+                .write_admission(user_id, chatflow_id, request_id, id, price.hold, None)
+                .await;
+        }
         match placed {
-            Ok(Some(available_after)) => {
+            Ok(Some((available_after, _))) => {
                 self.live.lock().insert(id, user_id);
-                crate::metrics::CREDITS
-                    .with_label_values(&["held"])
-                    .inc_by(price.hold as u64);
-                Ok(Admission::Held(Hold {
-                    id,
-                    user_id,
-                    price,
-                    available_after,
-                }))
+                Ok(held(id, None, available_after))
             }
             Ok(None) => {
                 crate::metrics::HOLDS_REJECTED.inc();
                 Ok(Admission::Insufficient)
             }
-            Err(e) => {
-                crate::metrics::LEDGER_ERRORS
-                    .with_label_values(&["hold"])
-                    .inc();
-                Err(e)
+            Err(e) => Err(self.admission_failed(e)),
+        }
+    }
+
+    /// Leases are used while other instances can recall them, the database
+    /// takes our writes, and the settlement queue keeps up: what a kill -9
+    /// loses (answered, not yet written; in the user's favour) is at most
+    /// that queue.
+    fn leases_usable(&self) -> bool {
+        self.policy.predictions > 0
+            && self.listening.load(Ordering::Relaxed)
+            && !self.writes_failing.load(Ordering::Relaxed)
+            && self.pending() < LEASE_QUEUE_LIMIT
+    }
+
+    fn admission_failed(&self, e: StoreError) -> StoreError {
+        crate::metrics::LEDGER_ERRORS
+            .with_label_values(&["hold"])
+            .inc();
+        e
+    }
+
+    /// Sends one admission to the batch writers and waits for its commit:
+    /// `(available after, held)`, `None` when the balance is too low.
+    async fn write_admission(
+        &self,
+        user_id: i64,
+        chatflow_id: &str,
+        request_id: &str,
+        hold_id: Uuid,
+        amount: i64,
+        lease_max: Option<i64>,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = HoldRequest {
+            hold_id,
+            request_id: request_id.to_string(),
+            user_id,
+            chatflow_id: chatflow_id.to_string(),
+            amount,
+            lease_max,
+            reply,
+        };
+        match self.holds.send(request).await {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("hold writer stopped".into()))),
+            Err(_) => Err(StoreError::Unavailable("hold writer stopped".into())),
+        }
+    }
+
+    /// The user's balance was too short here: take this instance's leases
+    /// back, and ask the other instances to give theirs back (waiting
+    /// `RECALL_WAIT` at most). `true` when anything may have come back, so
+    /// that the admission is worth trying once more.
+    async fn recall(&self, user_id: i64) -> bool {
+        let own = self
+            .leases
+            .recall(user_id, Instant::now() + lease::EXACT_AFTER_RECALL);
+        let own_ids: Vec<Uuid> = own.iter().map(|g| g.lease).collect();
+        let mut worth_retrying = own.iter().any(|g| g.release > 0);
+        self.give_back(own).await;
+        let alive = self.policy.hold_ttl.as_secs_f64();
+        let deadline = Instant::now() + RECALL_WAIT;
+        let mut asked: Option<Instant> = None;
+        loop {
+            let others = match sql::unrecalled_leases(&self.db, user_id, &own_ids, alive).await {
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("looking up other instances' leases failed: {e}");
+                    break;
+                }
+            };
+            if others == 0 || Instant::now() >= deadline {
+                break;
             }
+            // Ask (again, now and then: a lease may have been taken since).
+            if asked.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+                if let Err(e) = self.ask_for_leases(user_id).await {
+                    log::warn!("asking other instances for leases back failed: {e}");
+                    break;
+                }
+                asked = Some(Instant::now());
+                worth_retrying = true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        worth_retrying
+    }
+
+    async fn ask_for_leases(&self, user_id: i64) -> Result<(), StoreError> {
+        let c = self.db.get().await?;
+        c.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&RECALL_CHANNEL, &format!("recall:{user_id}")],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Gives leases back: releases free parts at once (marked as answering a
+    /// recall), and queues closes behind the leases' queued rows.
+    async fn give_back(&self, back: Vec<lease::GiveBack>) {
+        for g in back {
+            let released = async {
+                let mut c = self.db.get().await?;
+                let tx = c.transaction().await?;
+                let r = sql::release_lease(&tx, g.user_id, g.lease, Some(g.release), true).await?;
+                tx.commit().await?;
+                Ok::<_, StoreError>(r)
+            }
+            .await;
+            if let Err(e) = released {
+                // Still ours in the database: the close gives it back.
+                log::warn!("giving back {} credits of a lease failed: {e}", g.release);
+            }
+            if g.close {
+                self.enqueue(g.user_id, Work::Close { lease: g.lease });
+            }
+        }
+    }
+
+    /// Runs forever: answers other instances' recalls (LISTEN
+    /// `flowise_proxy_ledger`), reconnecting when the connection is lost.
+    pub async fn run_recall_listener(self: Arc<Self>, database_url: String) {
+        loop {
+            let me = self.clone();
+            let up = self.clone();
+            let result = crate::store::listen(
+                &database_url,
+                RECALL_CHANNEL,
+                move || up.listening.store(true, Ordering::SeqCst),
+                move |payload| {
+                    let me = me.clone();
+                    let Some(user_id) = payload
+                        .strip_prefix("recall:")
+                        .and_then(|u| u.parse::<i64>().ok())
+                    else {
+                        return;
+                    };
+                    tokio::spawn(async move {
+                        let back = me
+                            .leases
+                            .recall(user_id, Instant::now() + lease::EXACT_AFTER_RECALL);
+                        me.give_back(back).await;
+                    });
+                },
+            )
+            .await;
+            // Recalls may be missed from now on: no new admissions on leases,
+            // and those held close once idle.
+            self.listening.store(false, Ordering::SeqCst);
+            self.close_all_leases();
+            match result {
+                Ok(()) => log::warn!("ledger LISTEN connection closed; reconnecting"),
+                Err(e) => log::warn!("ledger LISTEN failed: {e}; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -294,7 +611,10 @@ impl Ledger {
 
     async fn write_holds(&self, mut batch: Vec<HoldRequest>) {
         batch.sort_by_key(|h| h.user_id);
-        let results = match self.place_holds(&batch).await {
+        let placed = self.place_holds(&batch).await;
+        self.writes_failing
+            .store(placed.is_err(), Ordering::Relaxed);
+        let results = match placed {
             Ok(placed) => placed.into_iter().map(Ok).collect::<Vec<_>>(),
             Err(e) => {
                 log::warn!("a batch of {} admissions failed: {e}", batch.len());
@@ -309,53 +629,134 @@ impl Ledger {
         }
     }
 
-    async fn place_holds(&self, batch: &[HoldRequest]) -> Result<Vec<Option<i64>>, StoreError> {
+    async fn place_holds(
+        &self,
+        batch: &[HoldRequest],
+    ) -> Result<Vec<Option<(i64, i64)>>, StoreError> {
         let mut c = self.db.get().await?;
-        let tx = c.transaction().await?;
-        let placed = futures::future::join_all(batch.iter().map(|h| {
-            sql::place_hold(
-                &tx,
-                h.hold_id,
-                &h.request_id,
-                h.user_id,
-                &h.chatflow_id,
-                h.amount,
-            )
+        let txn = c.transaction().await?;
+        let tx = &txn;
+        let placed = futures::future::join_all(batch.iter().map(|h| async move {
+            match h.lease_max {
+                Some(max) => sql::take_lease(tx, h.hold_id, h.user_id, h.amount, max).await,
+                None => sql::place_hold(
+                    tx,
+                    h.hold_id,
+                    &h.request_id,
+                    h.user_id,
+                    &h.chatflow_id,
+                    h.amount,
+                )
+                .await
+                .map(|p| p.map(|available| (available, h.amount))),
+            }
         }))
         .await;
         let mut out = Vec::with_capacity(placed.len());
         for p in placed {
             out.push(p?);
         }
-        tx.commit().await?;
+        txn.commit().await?;
         Ok(out)
     }
 
     /// Queues the settlement of `hold` (returns at once). Returns what will be
     /// captured, for the access log.
     pub fn settle(&self, hold: &Hold, outcome: &UpstreamOutcome) -> i64 {
-        let (kind, amount) = match settlement(&hold.price, outcome) {
-            Some(a) => (SettleKind::Capture, a),
-            None => (SettleKind::Void, 0),
-        };
-        // Settled (queued): no longer renewed. The queue retries until the
-        // database has it, within the hold's lifetime in all but a long outage.
-        self.live.lock().remove(&hold.id);
+        let kept = settlement(&hold.price, outcome);
+        let amount = kept.unwrap_or(0);
+        match hold.lease {
+            Some(lease) => {
+                let close = self
+                    .leases
+                    .finished(hold.user_id, lease, hold.price.hold, amount);
+                self.enqueue(
+                    hold.user_id,
+                    Work::Charge {
+                        lease,
+                        id: hold.id,
+                        kept: amount,
+                        held: hold.price.hold,
+                        request_id: hold.request_id.clone(),
+                        chatflow_id: hold.chatflow_id.clone(),
+                    },
+                );
+                if close.is_some() {
+                    self.enqueue(hold.user_id, Work::Close { lease });
+                }
+            }
+            None => {
+                // Settled (queued): no longer renewed. The queue retries until
+                // the database has it, within the hold's lifetime in all but a
+                // long outage.
+                self.live.lock().remove(&hold.id);
+                let kind = match kept {
+                    Some(_) => SettleKind::Capture,
+                    None => SettleKind::Void,
+                };
+                self.enqueue(
+                    hold.user_id,
+                    Work::Settle {
+                        hold_id: hold.id,
+                        kind,
+                        amount,
+                    },
+                );
+            }
+        }
+        amount
+    }
+
+    /// Queues the binding of a conversation Flowise started (written with the
+    /// next settlement batch).
+    pub fn bind_conversation(&self, user_id: i64, session_id: &str, chatflow_id: &str) {
+        self.enqueue(
+            user_id,
+            Work::Bind {
+                session_id: session_id.to_string(),
+                chatflow_id: chatflow_id.to_string(),
+            },
+        );
+    }
+
+    fn enqueue(&self, user_id: i64, work: Work) {
         self.queue.lock().push_back(Job {
-            hold_id: hold.id,
-            user_id: hold.user_id,
-            kind,
-            amount,
+            user_id,
+            work,
             queued_at: Instant::now(),
         });
         let depth = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
         crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
         self.wake.notify_one();
-        amount
     }
 
     pub fn pending(&self) -> usize {
         self.depth.load(Ordering::SeqCst)
+    }
+
+    /// `(credits, held)` of one user as this instance sees them: leases'
+    /// unused credits count as the user's (this instance's exactly; other
+    /// instances' including what their running predictions hold), and held
+    /// is what running predictions hold. `None` for an unknown user.
+    pub async fn balance(&self, user_id: i64) -> Result<Option<(i64, i64)>, StoreError> {
+        let Some((available, held, leases)) = sql::balance_with_leases(&self.db, user_id).await?
+        else {
+            return Ok(None);
+        };
+        let own = self.leases.usage(user_id);
+        let mut credits = available;
+        let mut held = held;
+        for (id, open) in leases {
+            held -= open;
+            match own.get(&id) {
+                Some((free, in_flight)) => {
+                    credits += free;
+                    held += in_flight;
+                }
+                None => credits += open,
+            }
+        }
+        Ok(Some((credits, held.max(0))))
     }
 
     /// Drains the queue in batches, forever. Failed batches stay queued and are
@@ -368,26 +769,27 @@ impl Ledger {
             }
             let batch: Vec<Job> = {
                 let mut q = self.queue.lock();
-                let n = q.len().min(256);
+                let n = q.len().min(SETTLE_BATCH);
                 q.drain(..n).collect()
             };
             if batch.is_empty() {
                 continue;
             }
-            match self.write_batch(&batch).await {
+            let n = batch.len();
+            let written = self.write_batch(batch).await;
+            self.writes_failing
+                .store(written.is_err(), Ordering::Relaxed);
+            match written {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
-                    let depth = self.depth.fetch_sub(batch.len(), Ordering::SeqCst) - batch.len();
+                    let depth = self.depth.fetch_sub(n, Ordering::SeqCst) - n;
                     crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
                 }
-                Err(e) => {
+                Err((e, batch)) => {
                     crate::metrics::LEDGER_ERRORS
                         .with_label_values(&["settle"])
                         .inc();
-                    log::warn!(
-                        "settlement batch of {} failed, will retry: {e}",
-                        batch.len()
-                    );
+                    log::warn!("settlement batch of {n} failed, will retry: {e}");
                     {
                         let mut q = self.queue.lock();
                         for job in batch.into_iter().rev() {
@@ -401,58 +803,189 @@ impl Ledger {
         }
     }
 
-    /// Writes a batch on one connection, pipelined. Each settlement is its own
-    /// statement, guarded by `state = 'open'`, so a retried batch is harmless.
-    ///
-    /// One transaction (one commit) per batch, its statements pipelined and
-    /// ordered by user so that concurrent batches of other instances lock
-    /// accounts in the same order (no deadlock).
-    async fn write_batch(&self, batch: &[Job]) -> Result<(), StoreError> {
-        let mut order: Vec<&Job> = batch.iter().collect();
-        order.sort_by_key(|j| j.user_id);
-        let mut c = self.db.get().await?;
-        let tx = c.transaction().await?;
-        let results = futures::future::join_all(
-            order
-                .iter()
-                .map(|j| sql::settle(&tx, j.user_id, j.hold_id, j.kind, j.amount)),
-        )
-        .await;
-        let mut settled_all = Vec::with_capacity(order.len());
-        for r in results {
-            settled_all.push(r?);
+    /// Writes a batch in one transaction (one commit), its statements
+    /// pipelined on one connection. Each statement touches one user's rows;
+    /// they are ordered by user (a stable sort: a lease's rows stay before
+    /// its close), so that concurrent batches of other instances lock
+    /// accounts in the same order (no deadlock). A lease's consecutive rows
+    /// go in one statement. Every statement is guarded (`state = 'open'`,
+    /// rows already written skipped), so a retried batch is harmless.
+    async fn write_batch(&self, mut batch: Vec<Job>) -> Result<(), (StoreError, Vec<Job>)> {
+        batch.sort_by_key(|j| j.user_id);
+        match self.write_sorted(&batch).await {
+            Ok(done) => {
+                self.account_for(&batch, done);
+                Ok(())
+            }
+            Err(e) => Err((e, batch)),
         }
-        tx.commit().await?;
-        for (job, settled) in order.into_iter().zip(settled_all) {
-            let label = match job.kind {
-                SettleKind::Capture => "captured",
-                _ => "voided",
-            };
-            // Captured: what was kept; voided: what was given back.
-            if settled.is_none() && job.kind == SettleKind::Capture && job.amount > 0 {
+    }
+
+    async fn write_sorted(&self, batch: &[Job]) -> Result<Vec<Written>, StoreError> {
+        // Statements: runs of one lease's charges, single settles and closes.
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut binds: Vec<usize> = Vec::new();
+        for (i, job) in batch.iter().enumerate() {
+            match (&job.work, groups.last_mut()) {
+                (Work::Bind { .. }, _) => binds.push(i),
+                (Work::Charge { lease, .. }, Some((start, end)))
+                    if *end == i
+                        && batch[*start].user_id == job.user_id
+                        && matches!(&batch[*start].work, Work::Charge { lease: l, .. } if l == lease) =>
+                {
+                    *end = i + 1
+                }
+                _ => groups.push((i, i + 1)),
+            }
+        }
+        let mut c = self.db.get().await?;
+        let txn = c.transaction().await?;
+        sql::prepare_settlement(&txn).await?;
+        let tx = &txn;
+        let written = futures::future::join_all(groups.iter().map(|&(start, end)| async move {
+            let job = &batch[start];
+            match &job.work {
+                Work::Settle {
+                    hold_id,
+                    kind,
+                    amount,
+                } => sql::settle(tx, job.user_id, *hold_id, *kind, *amount)
+                    .await
+                    .map(Written::Settled),
+                Work::Charge { lease, .. } => {
+                    let rows: Vec<sql::LeaseCharge> = batch[start..end]
+                        .iter()
+                        .filter_map(|j| match &j.work {
+                            Work::Charge {
+                                id,
+                                kept,
+                                request_id,
+                                chatflow_id,
+                                ..
+                            } => Some(sql::LeaseCharge {
+                                id: *id,
+                                amount: *kept,
+                                kind: if *kept > 0 { "charge" } else { "void" },
+                                request_id,
+                                chatflow_id,
+                            }),
+                            _ => None,
+                        })
+                        .collect();
+                    sql::charge_lease(tx, job.user_id, *lease, &rows)
+                        .await
+                        .map(Written::Charged)
+                }
+                Work::Close { lease } => sql::release_lease(tx, job.user_id, *lease, None, false)
+                    .await
+                    .map(|_| Written::Closed),
+                Work::Bind { .. } => Ok(Written::Bound),
+            }
+        }))
+        .await;
+        let mut by_job = vec![Written::Bound; batch.len()];
+        for (&(start, end), w) in groups.iter().zip(written) {
+            let w = w?;
+            for slot in &mut by_job[start..end] {
+                *slot = w;
+            }
+        }
+        if !binds.is_empty() {
+            let mut ids = Vec::new();
+            let mut users = Vec::new();
+            let mut flows = Vec::new();
+            for &i in &binds {
+                if let Work::Bind {
+                    session_id,
+                    chatflow_id,
+                } = &batch[i].work
+                {
+                    ids.push(session_id.as_str());
+                    users.push(batch[i].user_id);
+                    flows.push(chatflow_id.as_str());
+                }
+            }
+            sql::bind_sessions(tx, &ids, &users, &flows).await?;
+        }
+        txn.commit().await?;
+        Ok(by_job)
+    }
+
+    /// After a batch's commit: metrics, and this instance's leases.
+    fn account_for(&self, batch: &[Job], done: Vec<Written>) {
+        let count = |label: &str, credits: i64| {
+            crate::metrics::CREDITS
+                .with_label_values(&[label])
+                .inc_by(credits.max(0) as u64);
+        };
+        let late = |amount: i64, id: Uuid| {
+            if amount > 0 {
                 crate::metrics::LEDGER_ERRORS
                     .with_label_values(&["late_capture"])
                     .inc();
                 log::error!(
-                    "capture of {} credits for hold {} found it no longer open (expired): not charged",
-                    job.amount,
-                    job.hold_id
+                    "capture of {amount} credits for prediction {id} found its hold or lease no longer open (expired): not charged"
                 );
             }
-            if let Some((kept, amount)) = settled {
-                let moved = match job.kind {
-                    SettleKind::Capture => kept,
-                    _ => amount,
-                };
-                crate::metrics::CREDITS
-                    .with_label_values(&[label])
-                    .inc_by(moved.max(0) as u64);
-            }
+        };
+        for (job, written) in batch.iter().zip(done) {
+            let label = match (&job.work, written) {
+                (
+                    Work::Settle {
+                        hold_id,
+                        kind,
+                        amount,
+                    },
+                    Written::Settled(settled),
+                ) => {
+                    if settled.is_none() && *kind == SettleKind::Capture {
+                        late(*amount, *hold_id);
+                    }
+                    if let Some((kept, held)) = settled {
+                        match kind {
+                            SettleKind::Capture => count("captured", kept),
+                            SettleKind::Void => count("voided", held),
+                        }
+                    }
+                    match kind {
+                        SettleKind::Capture => "captured",
+                        SettleKind::Void => "voided",
+                    }
+                }
+                (
+                    Work::Charge {
+                        lease,
+                        id,
+                        kept,
+                        held,
+                        ..
+                    },
+                    Written::Charged(open),
+                ) => {
+                    self.leases.written(job.user_id, *lease, *kept);
+                    if open {
+                        count("captured", *kept);
+                        count("voided", held - kept);
+                    } else {
+                        late(*kept, *id);
+                    }
+                    if *kept > 0 {
+                        "captured"
+                    } else {
+                        "voided"
+                    }
+                }
+                (Work::Close { lease }, _) => {
+                    self.leases.closed(job.user_id, *lease);
+                    self.live.lock().remove(lease);
+                    continue;
+                }
+                _ => continue,
+            };
             crate::metrics::SETTLEMENT_LAG_SECONDS
                 .with_label_values(&[label])
                 .observe(job.queued_at.elapsed().as_secs_f64());
         }
-        Ok(())
     }
 
     /// Waits (bounded) until every queued settlement is written.
@@ -466,6 +999,29 @@ impl Ledger {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         true
+    }
+
+    /// Closes every lease of this instance (shutdown): those in use close
+    /// when their last prediction ends.
+    pub fn close_all_leases(&self) {
+        for g in self.leases.idle(Instant::now() + Duration::from_secs(3600)) {
+            self.enqueue(g.user_id, Work::Close { lease: g.lease });
+        }
+    }
+
+    /// Runs forever: closes leases unused for the policy's idle time, so
+    /// that what a user does not spend soon is back in their balance.
+    pub async fn run_lease_closer(self: Arc<Self>) {
+        let every = (self.policy.idle / 2).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(before) = Instant::now().checked_sub(self.policy.idle) else {
+                continue;
+            };
+            for g in self.leases.idle(before) {
+                self.enqueue(g.user_id, Work::Close { lease: g.lease });
+            }
+        }
     }
 
     /// Renews this instance's in-flight holds every third of the TTL, so that a

@@ -335,7 +335,7 @@ pub async fn finish(app: &App, session: &Session, e: Option<&Error>, ctx: &mut C
         ctx.credits_charged = Some(app.ledger.settle(&hold, &ctx.upstream));
     }
     if ctx.route.is_prediction() && ctx.upstream.completed {
-        predict::bind_new_conversation(app, ctx).await;
+        predict::bind_new_conversation(app, ctx);
     }
     let status = ctx
         .status

@@ -122,7 +122,7 @@ async fn hold(app: &App, ctx: &mut Ctx) -> Result<(), ApiError> {
 
 /// A conversation Flowise started: bind it to its owner (in `logging`, once
 /// the answer told us its id).
-pub async fn bind_new_conversation(app: &App, ctx: &Ctx) {
+pub fn bind_new_conversation(app: &App, ctx: &Ctx) {
     if ctx.conversation.is_some() {
         return;
     }
@@ -136,15 +136,10 @@ pub async fn bind_new_conversation(app: &App, ctx: &Ctx) {
     if !crate::sessions::valid_session_id(learned) {
         return;
     }
-    // The answer is out already; a failed bind leaves the session unbound
-    // until its owner's next request claims it.
-    if let Err(e) = app
-        .sessions
-        .claim(&app.db, learned, who.user_id, chatflow)
-        .await
-    {
-        log::warn!("binding a new Flowise session failed: {e}");
-    }
+    // The answer is out already: the binding is written with the next
+    // settlement batch. Until then the session is unbound, and its owner's
+    // next request claims it.
+    app.ledger.bind_conversation(who.user_id, learned, chatflow);
 }
 
 /// Maps the seed API body onto Flowise's prediction body.

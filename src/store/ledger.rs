@@ -44,6 +44,244 @@ pub async fn place_hold(
     Ok(row.map(|r| r.get(0)))
 }
 
+const CHARGE_LEASE_SQL: &str = "WITH x AS (
+                SELECT * FROM unnest($3::uuid[], $4::bigint[], $5::text[], $6::text[], $7::text[])
+                    AS x(id, amount, kind, rid, cf)
+                WHERE NOT EXISTS (SELECT 1 FROM ledger
+                                  WHERE ledger.hold_id = x.id AND ledger.kind = x.kind AND ledger.user_id = $1)
+             ), t AS (
+                SELECT COALESCE(sum(amount), 0)::bigint AS total FROM x
+             ), h AS (
+                UPDATE holds SET captured = COALESCE(captured, 0) + t.total, renewed_at = now()
+                FROM t WHERE holds.user_id = $1 AND holds.hold_id = $2 AND holds.state = 'open' AND holds.lease
+                RETURNING holds.user_id, t.total
+             ), a AS (
+                UPDATE accounts SET held = held - h.total, updated_at = now()
+                FROM h WHERE accounts.user_id = $1 AND h.total > 0
+             ), l AS (
+                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id, lease_id)
+                SELECT $1, x.kind, 0, -x.amount, x.id, x.rid, x.cf, $2 FROM x, h
+             )
+             SELECT count(*) FROM h";
+
+const RELEASE_LEASE_SQL: &str = "WITH cur AS (
+                SELECT hold_id, user_id,
+                       LEAST(COALESCE($3, amount), amount - COALESCE(captured, 0) - released) AS r
+                FROM holds WHERE user_id = $1 AND hold_id = $2 AND state = 'open' AND lease
+                FOR UPDATE
+             ), h AS (
+                UPDATE holds SET released = released + cur.r,
+                       recalled = recalled OR $4,
+                       state = CASE WHEN $3::bigint IS NOT NULL THEN state
+                                    WHEN COALESCE(captured, 0) > 0 THEN 'captured' ELSE 'voided' END,
+                       settled_at = CASE WHEN $3::bigint IS NULL THEN now() END
+                FROM cur WHERE holds.user_id = $1 AND holds.hold_id = cur.hold_id
+                RETURNING holds.user_id, cur.r
+             ), a AS (
+                UPDATE accounts SET held = held - h.r, available = available + h.r, updated_at = now()
+                FROM h WHERE accounts.user_id = $1 AND h.r > 0
+             ), l AS (
+                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, lease_id)
+                SELECT $1, 'release', r, -r, $5, $2 FROM h WHERE r > 0
+             )
+             SELECT r FROM h";
+
+const SETTLE_SQL: &str = "WITH h AS (
+                UPDATE holds SET state = $2, captured = LEAST($3, amount), settled_at = now()
+                WHERE user_id = $5 AND hold_id = $1 AND state = 'open'
+                RETURNING user_id, amount, LEAST($3, amount) AS kept, request_id, chatflow_id
+             ), a AS (
+                UPDATE accounts SET held = held - h.amount, available = available + (h.amount - h.kept),
+                       updated_at = now()
+                FROM h WHERE accounts.user_id = h.user_id
+             ), l AS (
+                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id)
+                SELECT user_id, $4, amount - kept, -amount, $1, request_id, chatflow_id FROM h
+             )
+             SELECT kept, amount FROM h";
+
+/// Prepares the settlement statements on this connection before a batch
+/// pipelines them: a statement's query goes out when it is first polled only
+/// once its preparation is cached, and a lease's charges must reach the
+/// server before its close.
+pub async fn prepare_settlement(
+    c: &deadpool_postgres::Transaction<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    for sql in [SETTLE_SQL, CHARGE_LEASE_SQL, RELEASE_LEASE_SQL] {
+        c.prepare_cached(sql).await?;
+    }
+    Ok(())
+}
+
+/// Takes a lease: moves up to `max` (at least `min`) from available to held as
+/// one hold with `lease = true`, and writes its `lease` ledger row, in one
+/// statement. `(available after, taken)`, or `None` when less than `min` is
+/// available. Runs inside the caller's transaction.
+pub async fn take_lease(
+    c: &deadpool_postgres::Transaction<'_>,
+    lease_id: Uuid,
+    user_id: i64,
+    min: i64,
+    max: i64,
+) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    let stmt = c
+        .prepare_cached(
+            "WITH cur AS (
+                SELECT user_id, LEAST(available, $4) AS take FROM accounts
+                WHERE user_id = $2 AND available >= $3
+                FOR UPDATE
+             ), a AS (
+                UPDATE accounts SET available = available - cur.take, held = held + cur.take,
+                       updated_at = now()
+                FROM cur WHERE accounts.user_id = $2 AND accounts.user_id = cur.user_id
+                RETURNING accounts.user_id, accounts.available, cur.take
+             ), h AS (
+                INSERT INTO holds (hold_id, request_id, user_id, amount, lease)
+                SELECT $1, 'lease', user_id, take, true FROM a
+             ), l AS (
+                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, lease_id)
+                SELECT user_id, 'lease', -take, take, $1, $1 FROM a
+             )
+             SELECT available, take FROM a",
+        )
+        .await?;
+    let row = c
+        .query_opt(&stmt, &[&lease_id, &user_id, &min, &max])
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+/// One prediction admitted on a lease, as its ledger row records it.
+pub struct LeaseCharge<'a> {
+    /// The prediction's own id (the row's `hold_id`).
+    pub id: Uuid,
+    /// Credits kept; 0 for a voided prediction.
+    pub amount: i64,
+    /// `charge`, or `void` (nothing moves).
+    pub kind: &'static str,
+    pub request_id: &'a str,
+    pub chatflow_id: &'a str,
+}
+
+/// Writes the rows of predictions admitted on one lease of one user, and
+/// moves what they kept out of held, in one statement. Rows already written
+/// (a batch retried after a commit whose answer was lost) are skipped.
+/// `false` when the lease is no longer open (expired): nothing is written.
+pub async fn charge_lease(
+    c: &deadpool_postgres::Transaction<'_>,
+    user_id: i64,
+    lease_id: Uuid,
+    charges: &[LeaseCharge<'_>],
+) -> Result<bool, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(CHARGE_LEASE_SQL).await?;
+    let ids: Vec<Uuid> = charges.iter().map(|c| c.id).collect();
+    let amounts: Vec<i64> = charges.iter().map(|c| c.amount).collect();
+    let kinds: Vec<&str> = charges.iter().map(|c| c.kind).collect();
+    let rids: Vec<&str> = charges.iter().map(|c| c.request_id).collect();
+    let cfs: Vec<&str> = charges.iter().map(|c| c.chatflow_id).collect();
+    let row = c
+        .query_one(
+            &stmt,
+            &[&user_id, &lease_id, &ids, &amounts, &kinds, &rids, &cfs],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
+/// Gives back part of an open lease (`Some(amount)`, at most its open
+/// remainder) or closes it (`None`: all of its open remainder), with a
+/// `release` ledger row. `recalled` marks it as answered to another
+/// instance's recall. Returns what was released, `None` when the lease is
+/// not open.
+pub async fn release_lease(
+    c: &deadpool_postgres::Transaction<'_>,
+    user_id: i64,
+    lease_id: Uuid,
+    amount: Option<i64>,
+    recalled: bool,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let stmt = c.prepare_cached(RELEASE_LEASE_SQL).await?;
+    let release_id = Uuid::now_v7();
+    let row = c
+        .query_opt(
+            &stmt,
+            &[&user_id, &lease_id, &amount, &recalled, &release_id],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Open leases of `user_id` held by other instances (not in `own`) that are
+/// alive (renewed within `alive_seconds`) and not yet recalled.
+pub async fn unrecalled_leases(
+    db: &Db,
+    user_id: i64,
+    own: &[Uuid],
+    alive_seconds: f64,
+) -> StoreResult<i64> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT count(*) FROM holds
+             WHERE user_id = $1 AND state = 'open' AND lease AND NOT recalled
+               AND hold_id <> ALL($2) AND renewed_at > now() - make_interval(secs => $3)",
+        )
+        .await?;
+    Ok(c.query_one(&stmt, &[&user_id, &own, &alive_seconds])
+        .await?
+        .get(0))
+}
+
+/// `(available, held, open leases with their open remainders)` of one user.
+pub async fn balance_with_leases(
+    db: &Db,
+    user_id: i64,
+) -> StoreResult<Option<(i64, i64, Vec<(Uuid, i64)>)>> {
+    let c = db.get().await?;
+    let stmt = c
+        .prepare_cached(
+            "SELECT a.available, a.held,
+                    COALESCE(array_agg(h.hold_id) FILTER (WHERE h.hold_id IS NOT NULL), '{}'),
+                    COALESCE(array_agg(h.amount - COALESCE(h.captured, 0) - h.released)
+                             FILTER (WHERE h.hold_id IS NOT NULL), '{}')
+             FROM accounts a
+             LEFT JOIN holds h ON h.user_id = a.user_id AND h.state = 'open' AND h.lease
+             WHERE a.user_id = $1
+             GROUP BY a.available, a.held",
+        )
+        .await?;
+    let Some(r) = c.query_opt(&stmt, &[&user_id]).await? else {
+        return Ok(None);
+    };
+    let ids: Vec<Uuid> = r.get(2);
+    let open: Vec<i64> = r.get(3);
+    Ok(Some((
+        r.get(0),
+        r.get(1),
+        ids.into_iter().zip(open).collect(),
+    )))
+}
+
+/// Binds conversations Flowise started to their owners (first use wins), in
+/// one statement; written with a settlement batch.
+pub async fn bind_sessions(
+    c: &deadpool_postgres::Transaction<'_>,
+    session_ids: &[&str],
+    user_ids: &[i64],
+    chatflow_ids: &[&str],
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO sessions (session_id, user_id, chatflow_id)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
+             ON CONFLICT (session_id) DO NOTHING",
+        )
+        .await?;
+    c.execute(&stmt, &[&session_ids, &user_ids, &chatflow_ids])
+        .await?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleKind {
     Capture,
@@ -75,23 +313,7 @@ pub async fn settle(
     kind: SettleKind,
     capture: i64,
 ) -> Result<Option<(i64, i64)>, tokio_postgres::Error> {
-    let stmt = c
-        .prepare_cached(
-            "WITH h AS (
-                UPDATE holds SET state = $2, captured = LEAST($3, amount), settled_at = now()
-                WHERE user_id = $5 AND hold_id = $1 AND state = 'open'
-                RETURNING user_id, amount, LEAST($3, amount) AS kept, request_id, chatflow_id
-             ), a AS (
-                UPDATE accounts SET held = held - h.amount, available = available + (h.amount - h.kept),
-                       updated_at = now()
-                FROM h WHERE accounts.user_id = h.user_id
-             ), l AS (
-                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id)
-                SELECT user_id, $4, amount - kept, -amount, $1, request_id, chatflow_id FROM h
-             )
-             SELECT kept, amount FROM h",
-        )
-        .await?;
+    let stmt = c.prepare_cached(SETTLE_SQL).await?;
     let capture = if kind == SettleKind::Capture {
         capture.max(0)
     } else {
@@ -131,20 +353,21 @@ pub async fn expire_stale(db: &Db, ttl_seconds: f64) -> StoreResult<(i64, i64)> 
     let row = c
         .query_one(
             "WITH h AS (
-                UPDATE holds SET state = 'expired', captured = 0, settled_at = now()
+                UPDATE holds SET state = 'expired', captured = COALESCE(captured, 0), settled_at = now()
                 WHERE state = 'open' AND hold_id IN (
                     SELECT hold_id FROM holds
                     WHERE state = 'open' AND renewed_at < now() - make_interval(secs => $1)
                     ORDER BY renewed_at LIMIT 500 FOR UPDATE SKIP LOCKED)
-                RETURNING hold_id, user_id, amount, request_id, chatflow_id
+                RETURNING hold_id, user_id, amount - captured - released AS amount, request_id, chatflow_id,
+                          CASE WHEN lease THEN hold_id END AS lease_id
              ), s AS (
                 SELECT user_id, sum(amount) AS amount FROM h GROUP BY user_id
              ), a AS (
                 UPDATE accounts SET held = held - s.amount, available = available + s.amount, updated_at = now()
                 FROM s WHERE accounts.user_id = s.user_id
              ), l AS (
-                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id)
-                SELECT user_id, 'expire', amount, -amount, hold_id, request_id, chatflow_id FROM h
+                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id, lease_id)
+                SELECT user_id, 'expire', amount, -amount, hold_id, request_id, chatflow_id, lease_id FROM h
              )
              SELECT count(*), COALESCE(sum(amount), 0)::bigint FROM h",
             &[&ttl_seconds],
@@ -269,7 +492,8 @@ pub async fn verify(db: &Db, ttl_seconds: f64) -> StoreResult<Vec<String>> {
              FROM accounts a
              LEFT JOIN (SELECT user_id, sum(delta_available) avail, sum(delta_held) held
                         FROM ledger GROUP BY user_id) l ON l.user_id = a.user_id
-             LEFT JOIN (SELECT user_id, sum(amount) open FROM holds WHERE state = 'open'
+             LEFT JOIN (SELECT user_id, sum(amount - COALESCE(captured, 0) - released) open
+                        FROM holds WHERE state = 'open'
                         GROUP BY user_id) h ON h.user_id = a.user_id
              WHERE a.available <> COALESCE(l.avail, 0) OR a.held <> COALESCE(l.held, 0)
                 OR a.held <> COALESCE(h.open, 0)

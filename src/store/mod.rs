@@ -120,6 +120,47 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres
     Ok(client)
 }
 
+/// LISTENs on `channel`, calls `on_listening` once it listens and
+/// `on_payload` for every notification, until the connection is lost (an
+/// error, or `Ok` when the server closed it). A cheap query now and then
+/// detects a dead server.
+pub async fn listen(
+    url: &str,
+    channel: &str,
+    on_listening: impl FnOnce(),
+    on_payload: impl Fn(&str),
+) -> Result<(), tokio_postgres::Error> {
+    use futures::StreamExt;
+    let mut pg: tokio_postgres::Config = url.parse()?;
+    pg.connect_timeout(Duration::from_secs(3));
+    pg.application_name("flowise-proxy-listen");
+    pg.keepalives_idle(Duration::from_secs(10));
+    let (client, mut conn) = pg.connect(NoTls).await?;
+    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    let keep = async {
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        on_listening();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            client.simple_query("SELECT 1").await?;
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), tokio_postgres::Error>(())
+    };
+    let pump = async {
+        while let Some(msg) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg? {
+                on_payload(n.payload());
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = keep => r,
+        r = pump => r,
+    }
+}
+
 /// Waits until the database answers, up to `wait`.
 pub async fn wait_for_database(url: &str, wait: Duration) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + wait;

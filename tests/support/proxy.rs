@@ -154,6 +154,10 @@ pub async fn start(opts: ProxyOptions) -> ProxyProcess {
             ("JWT_SECRET_KEY".into(), jwt_secret.clone()),
             ("LOG_FORMAT".into(), "json".into()),
             ("RUST_LOG".into(), "info".into()),
+            // Tests read balances from the database once the answers are in:
+            // leases unused for 300 ms are closed, so that `held` is back to
+            // the running predictions' holds promptly (the default is 5 s).
+            ("CREDIT_LEASE_IDLE_MS".into(), "300".into()),
         ];
         env.extend(opts.env.iter().cloned());
         let launch = Arc::new(Launch {

@@ -169,6 +169,20 @@ impl World {
         (r.get(0), r.get(1))
     }
 
+    /// The number of `kind` ledger rows of `user_id`.
+    pub async fn ledger_rows(&self, user_id: i64, kind: &str) -> i64 {
+        self.db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM ledger WHERE user_id = $1 AND kind = $2",
+                &[&user_id, &kind],
+            )
+            .await
+            .expect("count ledger rows")
+            .get(0)
+    }
+
     /// Σ ledger = balance for every account, and held = Σ open holds.
     pub async fn assert_books_balance(&self) {
         assert_books_balance(&self.db.url).await;
