@@ -292,16 +292,19 @@ scenario_args() {
     esac
 }
 
-# Waits (at most 60 s) until no credits are held: every debit settled.
-# Prints how long that took, in milliseconds.
+# Waits (at most 60 s) until every debit is settled: the proxy's settlement
+# queue is empty and no exact hold is open (leases stay open while in use, and
+# close after CREDIT_LEASE_IDLE_MS). Prints how long that took, in ms.
 settled() {
-    local held start=$(date +%s%N)
+    local queued open start=$(date +%s%N)
     for _ in $(seq 1 600); do
-        held="$(psql -tAq "$DATABASE_URL" -c 'SELECT coalesce(sum(held), 0) FROM accounts')"
-        [ "$held" = "0" ] && break
-        sleep 0.1
+        queued="$(curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" |
+            awk '$1 == "flowise_proxy_settlement_queue_depth" { print $2 }')"
+        open="$(psql -tAq "$DATABASE_URL" -c "SELECT count(*) FROM holds WHERE state = 'open' AND NOT lease")"
+        [ "$queued" = "0" ] && [ "$open" = "0" ] && break
+        sleep 0.05
     done
-    [ "$held" = "0" ] || log "credits still held after 60 s: $held"
+    [ "$queued" = "0" ] && [ "$open" = "0" ] || log "not settled after 60 s: queue $queued, open holds $open"
     echo $(( ($(date +%s%N) - start) / 1000000 ))
 }
 

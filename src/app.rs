@@ -17,7 +17,7 @@ pub struct App {
     pub auth: Auth,
     pub ledger: Arc<Ledger>,
     pub upstreams: Upstreams,
-    pub sessions: SessionBindings,
+    pub sessions: Arc<SessionBindings>,
     /// Set by SIGTERM: `/health` turns 503 while in-flight work finishes.
     draining: AtomicBool,
     /// Pingora has broadcast its shutdown: the listeners accept no more.
@@ -28,6 +28,7 @@ impl App {
     pub fn new(cfg: Config, db: Db) -> Result<Arc<App>, String> {
         let snapshot = Arc::new(SnapshotStore::new());
         let upstreams = Upstreams::new(&cfg)?;
+        let sessions = Arc::new(SessionBindings::new());
         Ok(Arc::new(App {
             auth: Auth::new(&cfg, snapshot, db.clone()),
             ledger: Ledger::new(
@@ -37,8 +38,9 @@ impl App {
                     idle: cfg.credit_lease_idle,
                     hold_ttl: cfg.hold_ttl,
                 },
+                sessions.clone(),
             ),
-            sessions: SessionBindings::new(),
+            sessions,
             upstreams,
             db,
             cfg,

@@ -9,9 +9,23 @@
 //! used" update (to the second), so `/chat/sessions` is ordered by use at no
 //! extra round trip; see `store::sessions::bind` for what that costs.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
 use crate::store::{self, Db, StoreError};
 
-pub struct SessionBindings;
+/// Conversations Flowise started are bound to their owner by the ledger's
+/// settlement batches, a few milliseconds after the answer (no commit of
+/// their own). Every ownership read first waits until the bindings queued
+/// before it are written, so that an owner who asks right after the answer
+/// finds the conversation.
+pub struct SessionBindings {
+    queued: AtomicU64,
+    written: watch::Sender<u64>,
+}
 
 /// A conversation id a client may send: bounded and printable.
 pub fn valid_session_id(id: &str) -> bool {
@@ -24,7 +38,46 @@ pub fn valid_session_id(id: &str) -> bool {
 
 impl SessionBindings {
     pub fn new() -> Self {
-        SessionBindings
+        SessionBindings {
+            queued: AtomicU64::new(0),
+            written: watch::channel(0).0,
+        }
+    }
+
+    /// A binding was queued: its number, to report as written.
+    pub fn queued(&self) -> u64 {
+        self.queued.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The bindings numbered up to `through` are in the database.
+    pub fn written(&self, through: u64) {
+        self.written.send_if_modified(|w| {
+            let newer = through > *w;
+            if newer {
+                *w = through;
+            }
+            newer
+        });
+    }
+
+    /// Waits (2 s at most) until every binding queued so far is written.
+    async fn settled(&self) {
+        let target = self.queued.load(Ordering::SeqCst);
+        let mut written = self.written.subscribe();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), written.wait_for(|w| *w >= target)).await;
+    }
+
+    /// The caller's conversations, newest use first.
+    pub async fn list(
+        &self,
+        db: &Db,
+        user_id: i64,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<Value>, StoreError> {
+        self.settled().await;
+        store::sessions::list(db, user_id, limit, offset).await
     }
 
     /// Claims `id` for the caller (binding it if new, else marking it used).
@@ -54,6 +107,7 @@ impl SessionBindings {
         if !valid_session_id(id) {
             return Ok(None);
         }
+        self.settled().await;
         let owner = store::sessions::owner(db, id).await?;
         Ok(owner.filter(|(u, _)| *u == user_id).map(|(_, cf)| cf))
     }

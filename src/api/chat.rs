@@ -119,7 +119,10 @@ pub async fn credits(app: &App, call: &Call) -> ApiResult {
 pub async fn sessions(app: &App, call: &Call) -> ApiResult {
     let who = identity(call)?;
     let (limit, offset) = page(call.query.as_deref());
-    let rows = store::sessions::list(&app.db, who.user_id, limit, offset).await?;
+    let rows = app
+        .sessions
+        .list(&app.db, who.user_id, limit, offset)
+        .await?;
     Ok(Reply::ok(Value::Array(rows)))
 }
 

@@ -1305,7 +1305,7 @@ mod schemas {
     #[derive(ToSchema)]
     pub struct LedgerEntry {
         pub id: i64,
-        /// `grant`, `adjust`, `hold`, `capture`, `void`, ...
+        /// `grant`, `adjust`; per exact hold `hold` then `capture` or `void`; per lease `lease`, then one `charge` or `void` per prediction on it, and `release`; `expire` (swept)
         pub kind: String,
         pub delta_available: i64,
         pub delta_held: i64,

@@ -32,6 +32,7 @@ pub const EXACT_AFTER_RECALL: Duration = Duration::from_secs(10);
 
 struct Lease {
     id: Uuid,
+    taken_at: Instant,
     /// Credits not given to any prediction.
     free: i64,
     /// Credits held by running predictions.
@@ -55,7 +56,16 @@ struct UserLeases {
     exact_until: Option<Instant>,
     /// The available balance the database reported last.
     available: i64,
+    /// The next lease is this many times the policy's size: doubled when a
+    /// lease was used up within `BUSY`, so that a busy user's admissions
+    /// rarely wait for a new one.
+    scale: i64,
 }
+
+/// A lease used up faster than this makes the next one twice as large.
+const BUSY: Duration = Duration::from_secs(1);
+/// The largest lease, in multiples of the policy's size.
+const MAX_SCALE: i64 = 32;
 
 /// What `LeaseBook::admit` decided.
 pub enum Decision {
@@ -63,9 +73,13 @@ pub enum Decision {
     Admitted { lease: Uuid, available_after: i64 },
     /// Another request is taking a lease for this user: wait, then ask again.
     Wait(watch::Receiver<bool>),
-    /// The caller takes a lease for this user (and must report back with
-    /// `taken` or `not_taken`); `done` tells waiters when it is over.
-    Take(watch::Sender<bool>),
+    /// The caller takes a lease for this user, `scale` times the policy's
+    /// size (and must report back with `taken` or `not_taken`); `done` tells
+    /// waiters when it is over.
+    Take {
+        done: watch::Sender<bool>,
+        scale: i64,
+    },
     /// Use an exact hold.
     Exact,
 }
@@ -107,9 +121,16 @@ impl LeaseBook {
         if let Some(rx) = &u.taking {
             return Decision::Wait(rx.clone());
         }
-        let (tx, rx) = watch::channel(false);
+        let (done, rx) = watch::channel(false);
         u.taking = Some(rx);
-        Decision::Take(tx)
+        u.scale = match u.leases.iter().map(|l| l.taken_at).max() {
+            Some(last) if now.duration_since(last) < BUSY => (u.scale * 2).min(MAX_SCALE),
+            _ => 1,
+        };
+        Decision::Take {
+            done,
+            scale: u.scale,
+        }
     }
 
     /// The lease the caller took: `taken` credits, of which `amount` go to
@@ -132,6 +153,7 @@ impl LeaseBook {
         let free = taken - amount;
         u.leases.push(Lease {
             id: lease,
+            taken_at: now,
             free: if recalled { 0 } else { free },
             in_flight: amount,
             running: 1,
@@ -284,7 +306,7 @@ mod tests {
     fn a_lease_is_shared_then_closed_with_what_is_left() {
         let book = LeaseBook::default();
         let now = Instant::now();
-        let Decision::Take(done) = book.admit(7, 2, now) else {
+        let Decision::Take { done, scale: 1 } = book.admit(7, 2, now) else {
             panic!("first request takes the lease")
         };
         assert!(matches!(book.admit(7, 2, now), Decision::Wait(_)));
@@ -294,8 +316,8 @@ mod tests {
         assert_eq!((after, back), (103, None));
         assert_eq!(admitted(book.admit(7, 2, now)), id);
         assert!(
-            matches!(book.admit(7, 2, now), Decision::Take(_)),
-            "1 free < 2"
+            matches!(book.admit(7, 2, now), Decision::Take { scale: 2, .. }),
+            "1 free < 2; used up at once: a lease twice as large"
         );
         book.not_taken(7);
         assert_eq!(book.finished(7, id, 2, 2), None);
@@ -321,7 +343,7 @@ mod tests {
     fn a_lease_recalled_while_running_closes_when_its_last_prediction_ends() {
         let book = LeaseBook::default();
         let now = Instant::now();
-        let Decision::Take(_done) = book.admit(1, 1, now) else {
+        let Decision::Take { done: _done, .. } = book.admit(1, 1, now) else {
             panic!()
         };
         let id = Uuid::now_v7();
@@ -344,7 +366,7 @@ mod tests {
     fn a_lease_taken_during_a_recall_gives_its_rest_back() {
         let book = LeaseBook::default();
         let now = Instant::now();
-        let Decision::Take(_done) = book.admit(1, 1, now) else {
+        let Decision::Take { done: _done, .. } = book.admit(1, 1, now) else {
             panic!()
         };
         book.recall(1, now + EXACT_AFTER_RECALL);
@@ -357,7 +379,7 @@ mod tests {
     fn idle_leases_close() {
         let book = LeaseBook::default();
         let now = Instant::now();
-        let Decision::Take(_d) = book.admit(1, 1, now) else {
+        let Decision::Take { done: _d, .. } = book.admit(1, 1, now) else {
             panic!()
         };
         let id = Uuid::now_v7();

@@ -207,10 +207,12 @@ enum Work {
     },
     /// Close a lease: what is left goes back to the balance.
     Close { lease: Uuid },
-    /// A conversation Flowise started, bound to its owner.
+    /// A conversation Flowise started, bound to its owner; `number` is its
+    /// place in `SessionBindings`' queue.
     Bind {
         session_id: String,
         chatflow_id: String,
+        number: u64,
     },
 }
 
@@ -272,6 +274,8 @@ pub struct LeasePolicy {
 
 pub struct Ledger {
     db: Db,
+    /// Told when the conversation bindings it queued are written.
+    sessions: Arc<crate::sessions::SessionBindings>,
     leases: lease::LeaseBook,
     policy: LeasePolicy,
     holds: tokio::sync::mpsc::Sender<HoldRequest>,
@@ -289,10 +293,15 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn new(db: Db, policy: LeasePolicy) -> Arc<Ledger> {
+    pub fn new(
+        db: Db,
+        policy: LeasePolicy,
+        sessions: Arc<crate::sessions::SessionBindings>,
+    ) -> Arc<Ledger> {
         let (holds, pending) = tokio::sync::mpsc::channel(8192);
         Arc::new(Ledger {
             db,
+            sessions,
             leases: lease::LeaseBook::default(),
             policy,
             holds,
@@ -345,9 +354,12 @@ impl Ledger {
                         let _ = tokio::time::timeout(Duration::from_secs(5), done.wait_for(|d| *d))
                             .await;
                     }
-                    lease::Decision::Take(done) => {
+                    lease::Decision::Take { done, scale } => {
                         let id = Uuid::now_v7();
-                        let max = price.hold.saturating_mul(self.policy.predictions);
+                        let max = price
+                            .hold
+                            .saturating_mul(self.policy.predictions)
+                            .saturating_mul(scale);
                         let taken = self
                             .write_admission(
                                 user_id,
@@ -710,13 +722,19 @@ impl Ledger {
     /// Queues the binding of a conversation Flowise started (written with the
     /// next settlement batch).
     pub fn bind_conversation(&self, user_id: i64, session_id: &str, chatflow_id: &str) {
-        self.enqueue(
+        let mut queue = self.queue.lock();
+        let number = self.sessions.queued();
+        queue.push_back(Job {
             user_id,
-            Work::Bind {
+            work: Work::Bind {
                 session_id: session_id.to_string(),
                 chatflow_id: chatflow_id.to_string(),
+                number,
             },
-        );
+            queued_at: Instant::now(),
+        });
+        drop(queue);
+        self.queued_one();
     }
 
     fn enqueue(&self, user_id: i64, work: Work) {
@@ -725,6 +743,10 @@ impl Ledger {
             work,
             queued_at: Instant::now(),
         });
+        self.queued_one();
+    }
+
+    fn queued_one(&self) {
         let depth = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
         crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
         self.wake.notify_one();
@@ -898,6 +920,7 @@ impl Ledger {
                 if let Work::Bind {
                     session_id,
                     chatflow_id,
+                    ..
                 } = &batch[i].work
                 {
                     ids.push(session_id.as_str());
@@ -913,6 +936,16 @@ impl Ledger {
 
     /// After a batch's commit: metrics, and this instance's leases.
     fn account_for(&self, batch: &[Job], done: Vec<Written>) {
+        let bound = batch
+            .iter()
+            .filter_map(|j| match j.work {
+                Work::Bind { number, .. } => Some(number),
+                _ => None,
+            })
+            .max();
+        if let Some(through) = bound {
+            self.sessions.written(through);
+        }
         let count = |label: &str, credits: i64| {
             crate::metrics::CREDITS
                 .with_label_values(&[label])
