@@ -42,7 +42,8 @@
 #
 # Environment: USERS (1000), BENCH_PG, REPS (3), DURATION (6s per run),
 # WARMUP (1s before each run), CONNECTIONS (64), THREADS (2), ONLY, SERVERS
-# ("nginx bare proxy"), RESULTS (file for the raw per-run lines; default a
+# ("nginx bare proxy"), KEEP (non-empty: leave the database and the work
+# directory, with the servers' logs, for inspection), RESULTS (file for the raw per-run lines; default a
 # temporary file, shown at the end). Needs psql, curl, python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -107,6 +108,10 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
     [ -z "${DOUBLE_PID:-}" ] || kill -TERM "$DOUBLE_PID" 2>/dev/null || true
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [ -n "${KEEP:-}" ]; then
+        log "KEEP: database $DB and $WORK left for inspection"
+        return
+    fi
     psql -q "$BENCH_PG" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }

@@ -572,7 +572,7 @@ async fn kill_nine_under_load_keeps_the_books_exact() {
     let lost = answered - charged;
     // Lost: answered, but the charge row was still queued when it died. The
     // window is the settlement queue: rows are written as fast as they come,
-    // and admissions stop using leases while more than 256 wait (usually a
+    // and admissions stop using leases while more than 4096 wait (usually a
     // handful; 128 leaves room for a slow, busy test machine). Below zero by
     // at most the 8 requests in flight: an answer settled whose last bytes
     // the kill cut off.

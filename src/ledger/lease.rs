@@ -223,6 +223,27 @@ impl LeaseBook {
         }
     }
 
+    /// The lease was found expired in the database (this instance could not
+    /// renew it for `HOLD_TTL_SECONDS`): nothing more is admitted on it.
+    /// Returns it when it is to be closed (forgotten) now.
+    pub fn expired(&self, user_id: i64, lease: Uuid) -> Option<GiveBack> {
+        let mut users = self.users.lock();
+        let l = users
+            .get_mut(&user_id)?
+            .leases
+            .iter_mut()
+            .find(|l| l.id == lease)?;
+        l.free = 0;
+        let newly_closing = !l.closing;
+        l.closing = true;
+        (newly_closing && l.running == 0).then_some(GiveBack {
+            user_id,
+            lease,
+            release: 0,
+            close: true,
+        })
+    }
+
     /// A recall of `user_id`'s leases (by another instance, or because this
     /// one ran short): every lease gives its free part back and admits no
     /// more; the user's predictions use exact holds until `until`. Each lease

@@ -257,7 +257,7 @@ const SETTLE_BATCH: usize = 1024;
 const RECALL_WAIT: Duration = Duration::from_secs(1);
 /// Past this many queued settlement rows, admissions stop using leases
 /// (exact holds wait for the database, so the queue stops growing).
-const LEASE_QUEUE_LIMIT: usize = 256;
+const LEASE_QUEUE_LIMIT: usize = 4096;
 /// The channel instances ask each other for leases back on.
 const RECALL_CHANNEL: &str = "flowise_proxy_ledger";
 
@@ -833,7 +833,11 @@ impl Ledger {
     /// go in one statement. Every statement is guarded (`state = 'open'`,
     /// rows already written skipped), so a retried batch is harmless.
     async fn write_batch(&self, mut batch: Vec<Job>) -> Result<(), (StoreError, Vec<Job>)> {
-        batch.sort_by_key(|j| j.user_id);
+        // Bindings last (one statement for all): a lease's charges are then
+        // consecutive, one statement per lease instead of one per row (512
+        // charges of one user, interleaved with their bindings, took 0.5-1 s
+        // as 512 updates of one row; as one statement, milliseconds).
+        batch.sort_by_key(|j| (matches!(j.work, Work::Bind { .. }), j.user_id));
         match self.write_sorted(&batch).await {
             Ok(done) => {
                 self.account_for(&batch, done);
@@ -1001,6 +1005,9 @@ impl Ledger {
                         count("voided", held - kept);
                     } else {
                         late(*kept, *id);
+                        if self.leases.expired(job.user_id, *lease).is_some() {
+                            self.enqueue(job.user_id, Work::Close { lease: *lease });
+                        }
                     }
                     if *kept > 0 {
                         "captured"
