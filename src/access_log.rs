@@ -265,8 +265,10 @@ mod tests {
         let time = v["time"].as_str().unwrap();
         assert_eq!(time.len(), "2026-12-01T12:00:00.000Z".len(), "{time}");
         assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{time}");
-        let keys: Vec<&str> = text
-            .split("\":")
+        let parts: Vec<&str> = text.split("\":").collect();
+        // Each part but the last ends with a key; the last is the final value.
+        let keys: Vec<&str> = parts[..parts.len() - 1]
+            .iter()
             .filter_map(|k| k.rsplit('"').next())
             .collect();
         assert_eq!(

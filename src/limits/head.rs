@@ -208,7 +208,7 @@ mod tests {
         );
         assert_eq!(
             head_end(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Some((65, Framing::Chunked))
+            Some((66, Framing::Chunked))
         );
         // Invalid request line: the framing is still read from the headers.
         assert_eq!(
