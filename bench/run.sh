@@ -40,7 +40,8 @@
 # CONNECTIONS connections as wrk2 would: the p99 each server adds over going
 # direct.
 #
-# Environment: USERS (1000), BENCH_PG, REPS (3), DURATION (6s per run),
+# Environment: BENCH_BIN (a flowise-proxy binary to measure instead of this
+# tree's, not built), USERS (1000), BENCH_PG, REPS (3), DURATION (6s per run),
 # WARMUP (1s before each run), CONNECTIONS (64), THREADS (2), ONLY, SERVERS
 # ("nginx bare proxy"), KEEP (non-empty: leave the database and the work
 # directory, with the servers' logs, for inspection), RESULTS (file for the raw per-run lines; default a
@@ -64,7 +65,9 @@ SPACED_EVENTS="${SPACED_EVENTS:-20}"
 SPACED_GAP_US="${SPACED_GAP_US:-5000}"
 CHATFLOW="da1d5da2-3232-4684-8e21-7df065e96599" # the double's first chatflow
 FLOWISE_KEY="test-flowise-key"                  # the double's API key
-BIN="$ROOT/target/release/flowise-proxy"
+# BENCH_BIN: a flowise-proxy binary built elsewhere (e.g. a saved build of
+# another commit) to measure instead of this tree's; then it is not built.
+BIN="${BENCH_BIN:-$ROOT/target/release/flowise-proxy}"
 DOUBLE="$ROOT/target/release/examples/flowise_double"
 BARE="$ROOT/target/release/examples/bare_pingora"
 OPEN_LOOP="$ROOT/target/release/examples/open_loop"
@@ -93,8 +96,12 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 
 bash scripts/dev-deps.sh
 log "building (release)..."
-cargo build --release --bin flowise-proxy --example flowise_double --example bare_pingora \
-    --example open_loop
+if [ -n "${BENCH_BIN:-}" ]; then
+    cargo build --release --example flowise_double --example bare_pingora --example open_loop
+else
+    cargo build --release --bin flowise-proxy --example flowise_double --example bare_pingora \
+        --example open_loop
+fi
 
 WORK="$(mktemp -d -t fp-bench-XXXXXX)"
 RESULTS="${RESULTS:-$WORK/results.tsv}"
@@ -402,6 +409,7 @@ log "proxy RSS at the end: $(awk '/VmRSS/ {print $2, $3}' "/proc/$PROXY_PID/stat
 
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT (+ uncommitted changes)"
+[ -z "${BENCH_BIN:-}" ] || COMMIT="$COMMIT, proxy binary $BENCH_BIN"
 python3 bench/table.py "$RESULTS" \
     --machine "$(nproc) vCPU, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), Linux $(uname -r); load average before $LOAD_BEFORE, after $(cut -d' ' -f1-3 /proc/loadavg)" \
     --commit "$COMMIT" \

@@ -1,30 +1,30 @@
 //! One access-log line per request on stdout. Never a password, token, API key
 //! or prompt text: only the fields below.
 //!
-//! Logging never blocks a request: lines are formatted on the worker (a
-//! `Serialize` struct, no intermediate JSON value) and handed to one writer
-//! thread through a bounded queue. When stdout's reader stalls and the queue
-//! is full, the line is dropped and counted
-//! (`flowise_proxy_access_log_dropped_total`); requests complete regardless.
+//! Logging never blocks a request: a line is formatted on the worker (a
+//! `Serialize` struct written straight into a per-thread buffer, no
+//! intermediate JSON value or string) and appended to one shared batch that a
+//! writer thread swaps out and writes in one system call. When stdout's
+//! reader stalls and the batch holds `QUEUE` lines, further lines are dropped
+//! and counted (`flowise_proxy_access_log_dropped_total`); requests complete
+//! regardless.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::time::Duration;
 
 use once_cell::sync::Lazy;
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
 /// Lines waiting for the writer thread, at most.
 const QUEUE: usize = 4_096;
-/// Bytes written in one system call, about.
-const BATCH_BYTES: usize = 256 << 10;
-/// The writer's pause between batches.
+/// The writer's pause between batches: under load it wakes once per pause,
+/// not once per request (a line waits at most about this long).
 const GATHER: Duration = Duration::from_millis(2);
 
-#[derive(Serialize)]
 pub struct Line<'a> {
-    #[serde(skip)]
     pub json: bool,
     pub request_id: &'a str,
     pub method: &'a str,
@@ -35,90 +35,192 @@ pub struct Line<'a> {
     pub credits_charged: Option<i64>,
     pub upstream_status: Option<u16>,
     pub upstream_error: Option<&'a str>,
-    #[serde(rename = "bytes")]
     pub bytes_sent: usize,
-    #[serde(skip)]
     pub duration: Duration,
 }
 
+/// The JSON line, fields in this order.
 #[derive(Serialize)]
-struct Stamped<'a> {
-    time: String,
-    #[serde(flatten)]
-    line: &'a Line<'a>,
+struct Record<'a> {
+    time: &'a str,
+    request_id: &'a str,
+    method: &'a str,
+    route: &'a str,
+    status: u16,
+    user_id: Option<i64>,
+    chatflow_id: Option<&'a str>,
+    credits_charged: Option<i64>,
+    upstream_status: Option<u16>,
+    upstream_error: Option<&'a str>,
+    bytes: usize,
     duration_ms: f64,
 }
 
-static WRITER: Lazy<SyncSender<String>> = Lazy::new(|| {
-    let (tx, rx) = sync_channel::<String>(QUEUE);
+/// Lines not yet taken by the writer.
+struct Batch {
+    buf: Vec<u8>,
+    lines: usize,
+    /// The writer waits for a first line (and must be woken).
+    writer_idle: bool,
+}
+
+struct Shared {
+    batch: Mutex<Batch>,
+    ready: Condvar,
+}
+
+static SHARED: Lazy<&'static Shared> = Lazy::new(|| {
+    let shared: &'static Shared = Box::leak(Box::new(Shared {
+        batch: Mutex::new(Batch {
+            buf: Vec::with_capacity(64 << 10),
+            lines: 0,
+            writer_idle: false,
+        }),
+        ready: Condvar::new(),
+    }));
     let spawned = std::thread::Builder::new()
         .name("access-log".into())
-        .spawn(move || {
-            let stdout = std::io::stdout();
-            while let Ok(first) = rx.recv() {
-                // Whatever is queued goes out in one write: one system call
-                // per batch, not one per request.
-                let mut batch = first;
-                let mut written = 1;
-                while batch.len() < BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(more) => {
-                            batch.push_str(&more);
-                            written += 1;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                {
-                    let mut out = stdout.lock();
-                    let _ = out.write_all(batch.as_bytes());
-                    let _ = out.flush();
-                }
-                PENDING.fetch_sub(written, Ordering::SeqCst);
-                // Let lines gather: under load the writer then wakes once per
-                // pause, not once per request (a line waits at most this long).
-                std::thread::sleep(GATHER);
-            }
-        });
+        .spawn(move || run_writer(shared));
     if let Err(e) = spawned {
         log::error!("access log writer thread: {e}");
     }
-    tx
+    shared
 });
 
-pub fn write(l: &Line<'_>) {
-    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+fn run_writer(shared: &Shared) {
+    let stdout = std::io::stdout();
+    let mut out_buf = Vec::with_capacity(64 << 10);
+    loop {
+        let lines = {
+            let mut b = shared.batch.lock();
+            while b.lines == 0 {
+                b.writer_idle = true;
+                shared.ready.wait(&mut b);
+            }
+            b.writer_idle = false;
+            // Whatever is queued goes out in one write.
+            std::mem::swap(&mut b.buf, &mut out_buf);
+            std::mem::replace(&mut b.lines, 0)
+        };
+        {
+            let mut out = stdout.lock();
+            let _ = out.write_all(&out_buf);
+            let _ = out.flush();
+        }
+        out_buf.clear();
+        PENDING.fetch_sub(lines, Ordering::SeqCst);
+        std::thread::sleep(GATHER);
+    }
+}
+
+thread_local! {
+    /// The line being formatted (reused: no allocation per request).
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// The current second, formatted (`2026-12-01T12:00:00`), and which one.
+    static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+}
+
+/// `Utc::now()` as RFC 3339 with milliseconds and `Z` (24 bytes) into `out`,
+/// returning its length; the part up to the second is formatted once per
+/// second per thread.
+fn write_time(out: &mut [u8; 40]) -> usize {
+    let now = chrono::Utc::now();
+    let millis = now.timestamp_subsec_millis();
+    let mut put = |bytes: &[u8], at: usize| {
+        let n = bytes.len().min(out.len() - at);
+        out[at..at + n].copy_from_slice(&bytes[..n]);
+        at + n
+    };
+    if millis >= 1000 {
+        // A leap second: chrono's own formatting.
+        let t = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        return put(t.as_bytes(), 0);
+    }
+    let at = SECOND.with(|s| {
+        let mut s = s.borrow_mut();
+        let secs = now.timestamp();
+        if s.0 != secs {
+            s.0 = secs;
+            s.1 = now.format("%Y-%m-%dT%H:%M:%S").to_string();
+        }
+        put(s.1.as_bytes(), 0)
+    });
+    put(
+        &[
+            b'.',
+            b'0' + (millis / 100) as u8,
+            b'0' + (millis / 10 % 10) as u8,
+            b'0' + (millis % 10) as u8,
+            b'Z',
+        ],
+        at,
+    )
+}
+
+fn format_line(l: &Line<'_>, out: &mut Vec<u8>) {
+    let mut time = [0u8; 40];
+    let len = write_time(&mut time);
+    let time = std::str::from_utf8(&time[..len]).unwrap_or_default();
     let duration_ms = (l.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
-    let mut text = if l.json {
-        serde_json::to_string(&Stamped {
-            time,
-            line: l,
-            duration_ms,
-        })
-        .unwrap_or_default()
+    if l.json {
+        let _ = serde_json::to_writer(
+            &mut *out,
+            &Record {
+                time,
+                request_id: l.request_id,
+                method: l.method,
+                route: l.route,
+                status: l.status,
+                user_id: l.user_id,
+                chatflow_id: l.chatflow_id,
+                credits_charged: l.credits_charged,
+                upstream_status: l.upstream_status,
+                upstream_error: l.upstream_error,
+                bytes: l.bytes_sent,
+                duration_ms,
+            },
+        );
     } else {
-        format!(
+        let dash = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+        let _ = write!(
+            out,
             "{time} {} {} {} {} user={} chatflow={} charged={} upstream={} bytes={} {duration_ms}ms",
             l.request_id,
             l.method,
             l.route,
             l.status,
-            l.user_id.map_or("-".into(), |u| u.to_string()),
+            dash(l.user_id.map(|u| u.to_string())),
             l.chatflow_id.unwrap_or("-"),
-            l.credits_charged.map_or("-".into(), |c| c.to_string()),
-            l.upstream_status.map_or("-".into(), |s| s.to_string()),
+            dash(l.credits_charged.map(|c| c.to_string())),
+            dash(l.upstream_status.map(|s| s.to_string())),
             l.bytes_sent,
-        )
-    };
-    text.push('\n');
-    PENDING.fetch_add(1, Ordering::SeqCst);
-    match WRITER.try_send(text) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-            PENDING.fetch_sub(1, Ordering::SeqCst);
-            crate::metrics::ACCESS_LOG_DROPPED.inc();
-        }
+        );
     }
+    out.push(b'\n');
+}
+
+pub fn write(l: &Line<'_>) {
+    SCRATCH.with(|scratch| {
+        let mut line = scratch.borrow_mut();
+        line.clear();
+        format_line(l, &mut line);
+        let shared = *SHARED;
+        let wake = {
+            let mut b = shared.batch.lock();
+            if b.lines >= QUEUE {
+                drop(b);
+                crate::metrics::ACCESS_LOG_DROPPED.inc();
+                return;
+            }
+            b.buf.extend_from_slice(&line);
+            b.lines += 1;
+            PENDING.fetch_add(1, Ordering::SeqCst);
+            std::mem::replace(&mut b.writer_idle, false)
+        };
+        if wake {
+            shared.ready.notify_one();
+        }
+    });
 }
 
 /// Waits (bounded) until queued lines are written: at shutdown.
@@ -131,3 +233,75 @@ pub fn flush(limit: Duration) {
 
 /// Lines queued and not yet written.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(json: bool) -> Line<'static> {
+        Line {
+            json,
+            request_id: "req-1",
+            method: "GET",
+            route: "flowise_ping",
+            status: 200,
+            user_id: Some(7),
+            chatflow_id: None,
+            credits_charged: None,
+            upstream_status: Some(200),
+            upstream_error: None,
+            bytes_sent: 12,
+            duration: Duration::from_micros(1500),
+        }
+    }
+
+    #[test]
+    fn json_line_fields_in_order() {
+        let mut out = Vec::new();
+        format_line(&line(true), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        let time = v["time"].as_str().unwrap();
+        assert_eq!(time.len(), "2026-12-01T12:00:00.000Z".len(), "{time}");
+        assert!(chrono::DateTime::parse_from_rfc3339(time).is_ok(), "{time}");
+        let parts: Vec<&str> = text.split("\":").collect();
+        // Each part but the last ends with a key; the last is the final value.
+        let keys: Vec<&str> = parts[..parts.len() - 1]
+            .iter()
+            .filter_map(|k| k.rsplit('"').next())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "time",
+                "request_id",
+                "method",
+                "route",
+                "status",
+                "user_id",
+                "chatflow_id",
+                "credits_charged",
+                "upstream_status",
+                "upstream_error",
+                "bytes",
+                "duration_ms"
+            ]
+        );
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["chatflow_id"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn text_line() {
+        let mut out = Vec::new();
+        format_line(&line(false), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.ends_with(
+                " req-1 GET flowise_ping 200 user=7 chatflow=- charged=- upstream=200 bytes=12 1.5ms\n"
+            ),
+            "{text}"
+        );
+    }
+}

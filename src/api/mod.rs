@@ -160,7 +160,7 @@ pub async fn flowise_call(
         .map_err(|_| ApiError::internal())?;
     let meta = ForwardMeta {
         request_id: &call.request_id,
-        client_ip: call.client_ip.clone(),
+        client_ip: call.client_ip.as_deref(),
     };
     let mut resp = app
         .upstreams

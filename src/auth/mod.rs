@@ -10,6 +10,7 @@ pub mod lookup;
 pub mod password;
 pub mod snapshot;
 pub mod throttle;
+mod verified;
 
 use std::sync::Arc;
 
@@ -142,6 +143,8 @@ pub struct Auth {
     lookups: lookup::Lookups,
     /// Tokens of other issuers (login service, OIDC), when configured.
     external: Option<external::External>,
+    /// Access tokens of this proxy already verified (see `verified`).
+    verified: verified::VerifiedTokens,
 }
 
 impl Auth {
@@ -163,6 +166,7 @@ impl Auth {
             throttle: throttle::LoginThrottle::new(cfg.login_attempts_per_minute),
             lookups: lookup::Lookups::new(),
             external: external::External::new(&cfg.external, db),
+            verified: verified::VerifiedTokens::new(),
         }
     }
 
@@ -256,29 +260,23 @@ impl Auth {
     }
 
     async fn authenticate_jwt(&self, db: &Db, token: &str) -> Result<Identity, AuthFailure> {
-        let data =
-            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => AuthFailure::Expired,
-                    ErrorKind::InvalidSignature => AuthFailure::BadSignature,
-                    _ => AuthFailure::Malformed,
-                }
-            })?;
-        let c = data.claims;
-        let issued_ms = issue_time_ms(&c)?;
-        let latest_ms = Utc::now().timestamp_millis() + CLOCK_LEEWAY_SECS * 1000;
-        if issued_ms > latest_ms
-            || c.nbf
-                .is_some_and(|nbf| nbf.saturating_mul(1000) > latest_ms)
-        {
+        // A token verified before skips the signature and parsing, not the
+        // checks below (expiry here; revocation, user, cut-off from the snapshot).
+        let c = match self.verified.get(token) {
+            Some(c) if c.exp < jsonwebtoken::get_current_timestamp() => {
+                return Err(AuthFailure::Expired)
+            }
+            Some(c) => c,
+            None => {
+                let c = self.verify_jwt(token)?;
+                self.verified.insert(token, &c);
+                c
+            }
+        };
+        let (user_id, jti, family, issued_ms) = (c.user_id, c.jti, c.family, c.issued_ms);
+        if not_yet_valid(issued_ms, c.nbf) {
             return Err(AuthFailure::NotYetValid);
         }
-        let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
-        let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
-        let family = match c.fam.as_deref() {
-            Some(f) => Some(Uuid::parse_str(f).map_err(|_| AuthFailure::Malformed)?),
-            None => None,
-        };
         let revoked = {
             let snap = self.snapshot.get();
             snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f))
@@ -303,8 +301,44 @@ impl Auth {
             role: user.role,
             credential: Credential::Jwt {
                 jti,
-                expires_at: DateTime::from_timestamp(c.exp, 0).unwrap_or_else(Utc::now),
+                expires_at: i64::try_from(c.exp)
+                    .ok()
+                    .and_then(|exp| DateTime::from_timestamp(exp, 0))
+                    .unwrap_or_else(Utc::now),
             },
+        })
+    }
+
+    /// Signature, standard claims and the parts this proxy reads.
+    fn verify_jwt(&self, token: &str) -> Result<verified::VerifiedClaims, AuthFailure> {
+        let data =
+            decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthFailure::Expired,
+                    ErrorKind::InvalidSignature => AuthFailure::BadSignature,
+                    _ => AuthFailure::Malformed,
+                }
+            })?;
+        let c = data.claims;
+        let issued_ms = issue_time_ms(&c)?;
+        if not_yet_valid(issued_ms, c.nbf) {
+            return Err(AuthFailure::NotYetValid);
+        }
+        let user_id: i64 = c.sub.parse().map_err(|_| AuthFailure::Malformed)?;
+        let jti = Uuid::parse_str(&c.jti).map_err(|_| AuthFailure::Malformed)?;
+        let family = match c.fam.as_deref() {
+            Some(f) => Some(Uuid::parse_str(f).map_err(|_| AuthFailure::Malformed)?),
+            None => None,
+        };
+        // Validation required `exp`, parsed by jsonwebtoken as a u64.
+        let exp = u64::try_from(c.exp).map_err(|_| AuthFailure::Malformed)?;
+        Ok(verified::VerifiedClaims {
+            user_id,
+            jti,
+            family,
+            issued_ms,
+            exp,
+            nbf: c.nbf,
         })
     }
 
@@ -527,6 +561,12 @@ impl Auth {
         self.snapshot.refresh_now().await;
         Ok(())
     }
+}
+
+/// `iat` or `nbf` later than now plus the clock leeway.
+fn not_yet_valid(issued_ms: i64, nbf: Option<i64>) -> bool {
+    let latest_ms = Utc::now().timestamp_millis() + CLOCK_LEEWAY_SECS * 1000;
+    issued_ms > latest_ms || nbf.is_some_and(|nbf| nbf.saturating_mul(1000) > latest_ms)
 }
 
 /// The issue time a token claims, in milliseconds. `iat_ms` (ours) must agree

@@ -54,6 +54,11 @@ impl Framing {
         else {
             return Framing::None;
         };
+        Framing::of_headers(headers)
+    }
+
+    /// The framing of parsed header lines (see [`Framing::of_head`]).
+    pub fn of_headers(headers: &[httparse::Header<'_>]) -> Framing {
         let mut length = None;
         for h in headers.iter() {
             if h.name.eq_ignore_ascii_case("transfer-encoding") {

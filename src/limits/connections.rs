@@ -19,7 +19,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use tokio::time::Instant;
 
-use super::body::{Framing, LimitedStream};
+use super::body::LimitedStream;
 use super::head::{read_head, Head, HeadLimits, Refusal};
 use super::metrics::{OPEN, REFUSED};
 use crate::config::ClientLimits;
@@ -128,8 +128,8 @@ where
         };
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
-            let (buf, len) = match read_head(&mut stream, &head_limits, shutdown).await {
-                Head::Complete { buf, len } => (buf, len),
+            let (buf, len, framing) = match read_head(&mut stream, &head_limits, shutdown).await {
+                Head::Complete { buf, len, framing } => (buf, len, framing),
                 Head::Nothing => return,
                 Head::TimedOut => {
                     REFUSED.with_label_values(&["header_timeout"]).inc();
@@ -146,11 +146,7 @@ where
                     return;
                 }
             };
-            stream.expect_body(
-                Framing::of_head(&buf[..len]),
-                &buf[len..],
-                limits.body_timeout,
-            );
+            stream.expect_body(framing, &buf[len..], limits.body_timeout);
             stream.expect_answer_within(limits.first_byte_timeout);
 
             let mut session = ServerSession::new_http1(stream);

@@ -14,13 +14,19 @@ use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
-use super::body::LimitedStream;
+use std::mem::MaybeUninit;
+
+use super::body::{Framing, LimitedStream};
 
 /// What came of waiting for a request head.
 pub enum Head {
     /// A complete head, `len` bytes, at the start of `buf` (which may hold
-    /// body bytes or a further request after it).
-    Complete { buf: BytesMut, len: usize },
+    /// body bytes or a further request after it), and how its body ends.
+    Complete {
+        buf: BytesMut,
+        len: usize,
+        framing: Framing,
+    },
     /// No request: the client closed, or sent nothing in time, or the server
     /// is shutting down. Close quietly.
     Nothing,
@@ -63,11 +69,11 @@ pub async fn read_head(
         .complete_by
         .unwrap_or_else(|| Instant::now() + limits.header_timeout);
     loop {
-        if let Some(len) = head_end(&buf) {
+        if let Some((len, framing)) = head_end(&buf) {
             if len > limits.max_bytes {
                 return Head::TooLarge;
             }
-            return Head::Complete { buf, len };
+            return Head::Complete { buf, len, framing };
         }
         if buf.len() > limits.max_bytes {
             return Head::TooLarge;
@@ -85,14 +91,16 @@ pub async fn read_head(
     }
 }
 
-/// Where the head ends, if it is complete. A head httparse calls invalid is
-/// still handed to Pingora once its blank line is there: Pingora repairs some
-/// (unescaped bytes in the request line) and answers 400 to the rest.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut headers = [httparse::EMPTY_HEADER; 256];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Some(len),
+/// Where the head ends, if it is complete, and its body's framing (from the
+/// same parse: the head is parsed once here, once more by Pingora). A head
+/// httparse calls invalid is still handed to Pingora once its blank line is
+/// there: Pingora repairs some (unescaped bytes in the request line) and
+/// answers 400 to the rest.
+fn head_end(buf: &[u8]) -> Option<(usize, Framing)> {
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 256];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(len)) => Some((len, Framing::of_headers(req.headers))),
         Ok(httparse::Status::Partial) => None,
         Err(_) => [&b"\r\n\r\n"[..], &b"\n\n"[..]]
             .iter()
@@ -101,7 +109,8 @@ fn head_end(buf: &[u8]) -> Option<usize> {
                     .position(|w| w == *end)
                     .map(|at| at + end.len())
             })
-            .min(),
+            .min()
+            .map(|len| (len, Framing::of_head(&buf[..len]))),
     }
 }
 
@@ -175,12 +184,36 @@ impl Refusal {
 #[cfg(test)]
 mod tests {
     use super::head_end;
+    use crate::limits::body::Framing;
 
     #[test]
     fn head_ends_after_the_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(27));
+        assert_eq!(
+            head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"),
+            Some((27, Framing::None))
+        );
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
         // Not valid for httparse (a space in the path), still complete.
-        assert_eq!(head_end(b"GET /a b HTTP/1.1\r\n\r\n"), Some(21));
+        assert_eq!(
+            head_end(b"GET /a b HTTP/1.1\r\n\r\n"),
+            Some((21, Framing::None))
+        );
+    }
+
+    #[test]
+    fn framing_comes_from_the_same_parse() {
+        assert_eq!(
+            head_end(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"),
+            Some((38, Framing::Length(5)))
+        );
+        assert_eq!(
+            head_end(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some((66, Framing::Chunked))
+        );
+        // Invalid request line: the framing is still read from the headers.
+        assert_eq!(
+            head_end(b"POST /a b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+            Some((41, Framing::Length(3)))
+        );
     }
 }

@@ -80,10 +80,17 @@ pub fn on_header(app: &App, resp: &mut ResponseHeader, ctx: &mut Ctx) {
     let ok = (200..300).contains(&status);
     let content_type = resp
         .headers
-        .get("content-type")
+        .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
-        .to_ascii_lowercase();
+        .as_bytes();
+    // Case-insensitive, without a lower-cased copy per response.
+    let is_json = content_type
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"json"));
+    let is_event_stream = content_type
+        .get(..17)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"text/event-stream"));
     let own_route = !ctx.route.is_drop_in();
     // A bodiless answer has no chunk to replace or rewrite.
     let empty = resp
@@ -95,7 +102,7 @@ pub fn on_header(app: &App, resp: &mut ResponseHeader, ctx: &mut Ctx) {
     } else if !ok && own_route {
         Answer::Replace(Bytes::from(own_route_error(&ctx.route, status).body()))
     } else if !ok {
-        if content_type.contains("json") {
+        if is_json {
             Answer::Rewrite {
                 buf: BytesMut::new(),
                 how: Rewrite::StripStack,
@@ -104,7 +111,7 @@ pub fn on_header(app: &App, resp: &mut ResponseHeader, ctx: &mut Ctx) {
             Answer::Pass
         }
     } else if ctx.route.is_prediction() {
-        if content_type.starts_with("text/event-stream") {
+        if is_event_stream {
             Answer::Stream {
                 observer: Box::default(),
                 redactor: own_route.then(ErrorRedactor::default),

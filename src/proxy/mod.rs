@@ -98,12 +98,11 @@ impl ProxyHttp for FlowiseProxy {
     ) -> Result<()> {
         let server = ctx
             .upstream_server
-            .and_then(|i| self.app.upstreams.server(i))
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no Flowise server chosen"))?;
         pipeline::upstream_request(req, ctx)?;
         let meta = ForwardMeta {
             request_id: &ctx.request_id,
-            client_ip: ctx.client_ip.clone(),
+            client_ip: ctx.client_ip.as_deref(),
         };
         self.app.upstreams.prepare_request(req, server, &meta)?;
         ctx.upstream_sent = Some(Instant::now());

@@ -35,18 +35,24 @@ fn cors(app: &App, ctx: &Ctx, h: &mut ResponseHeader) {
     );
 }
 
-/// Removes what Flowise says that clients must not see.
+/// Flowise's own CORS answer is replaced by ours.
+const STRIP_FLOWISE_CORS: &[&str] = &[
+    "access-control-allow-origin",
+    "access-control-allow-credentials",
+    "access-control-allow-methods",
+    "access-control-allow-headers",
+];
+
+/// Removes what Flowise says that clients must not see (one pass over the
+/// headers Flowise sent, not one lookup per name).
 pub fn sanitize_upstream_headers(h: &mut ResponseHeader) {
-    for name in STRIP_DOWNSTREAM {
-        h.remove_header(*name);
-    }
-    // Flowise's own CORS answer is replaced by ours.
-    for name in [
-        "access-control-allow-origin",
-        "access-control-allow-credentials",
-        "access-control-allow-methods",
-        "access-control-allow-headers",
-    ] {
+    let mut doomed = crate::upstream::names_to_strip(&h.headers, STRIP_DOWNSTREAM, false);
+    doomed.extend(crate::upstream::names_to_strip(
+        &h.headers,
+        STRIP_FLOWISE_CORS,
+        false,
+    ));
+    for name in &doomed {
         h.remove_header(name);
     }
 }

@@ -93,7 +93,7 @@ impl Upstreams {
             UpstreamFailure::NoHealthy.count();
             UpstreamFailure::NoHealthy
         })?;
-        self.prepare_request(&mut req, chosen.server, meta)
+        self.prepare_request(&mut req, chosen.index, meta)
             .map_err(|_| UpstreamFailure::Connect)?;
         req.remove_header("transfer-encoding");
         req.remove_header("expect");

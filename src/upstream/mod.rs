@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header;
 use pingora_core::services::background::{background_service, GenBackgroundService};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
@@ -59,17 +60,19 @@ pub struct Upstreams {
     pub health_service: parking_lot::Mutex<Option<HealthService>>,
     servers: Vec<FlowiseUrl>,
     by_addr: HashMap<SocketAddr, usize>,
-    api_key: Option<String>,
+    /// `Bearer <FLOWISE_API_KEY>`, built once (marked sensitive).
+    authorization: Option<http::HeaderValue>,
+    /// Each server's `Host` header value, built once.
+    host_values: Vec<http::HeaderValue>,
     connect_timeout: Duration,
     read_timeout: Duration,
     pub connector: pingora_core::connectors::http::Connector,
 }
 
 /// The chosen Flowise server for one request.
-pub struct Chosen<'a> {
+pub struct Chosen {
     pub peer: HttpPeer,
     pub index: usize,
-    pub server: &'a FlowiseUrl,
 }
 
 impl Upstreams {
@@ -135,7 +138,23 @@ impl Upstreams {
             health_service: parking_lot::Mutex::new(Some(service)),
             servers: cfg.flowise_urls.clone(),
             by_addr,
-            api_key: cfg.flowise_api_key.clone(),
+            authorization: match &cfg.flowise_api_key {
+                Some(key) => {
+                    let mut v = http::HeaderValue::from_str(&format!("Bearer {key}"))
+                        .map_err(|_| "FLOWISE_API_KEY: not a valid header value".to_string())?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                None => None,
+            },
+            host_values: cfg
+                .flowise_urls
+                .iter()
+                .map(|s| {
+                    http::HeaderValue::from_str(&s.host_header())
+                        .map_err(|_| format!("FLOWISE_API_URL: bad host {}", s.addr()))
+                })
+                .collect::<Result<_, _>>()?,
             connect_timeout: cfg.upstream_connect_timeout,
             read_timeout: cfg.upstream_read_timeout,
             connector: pingora_core::connectors::http::Connector::new(None),
@@ -143,7 +162,7 @@ impl Upstreams {
     }
 
     /// The next healthy server not in `tried`, round-robin; `None` when there is none.
-    pub fn select(&self, tried: &[usize]) -> Option<Chosen<'_>> {
+    pub fn select(&self, tried: &[usize]) -> Option<Chosen> {
         let index_of = |b: &pingora_load_balancing::Backend| {
             b.addr.as_inet().and_then(|a| self.by_addr.get(a).copied())
         };
@@ -161,15 +180,7 @@ impl Upstreams {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.connect_timeout.max(Duration::from_secs(30)));
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        Some(Chosen {
-            peer,
-            index,
-            server: &self.servers[index],
-        })
-    }
-
-    pub fn server(&self, index: usize) -> Option<&FlowiseUrl> {
-        self.servers.get(index)
+        Some(Chosen { peer, index })
     }
 
     /// Health of each configured server, in configuration order.
@@ -198,31 +209,31 @@ impl Upstreams {
     pub fn prepare_request(
         &self,
         req: &mut RequestHeader,
-        server: &FlowiseUrl,
+        index: usize,
         meta: &ForwardMeta<'_>,
     ) -> pingora_core::Result<()> {
-        // Headers named in `Connection` are hop-by-hop too.
-        let listed: Vec<String> = req
-            .headers
-            .get_all("connection")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect();
-        for name in STRIP_UPSTREAM.iter().map(|s| s.to_string()).chain(listed) {
-            req.remove_header(name.as_str());
+        let server = self.servers.get(index).ok_or_else(|| {
+            pingora_core::Error::explain(
+                pingora_core::ErrorType::ConnectNoRoute,
+                "no Flowise server chosen",
+            )
+        })?;
+        // One pass over the headers the client sent (a handful) instead of one
+        // lookup per name on the list; headers named in `Connection` are
+        // hop-by-hop too.
+        let doomed = names_to_strip(&req.headers, STRIP_UPSTREAM, true);
+        for name in &doomed {
+            req.remove_header(name);
         }
-        req.insert_header("Host", server.host_header())?;
-        if let Some(key) = &self.api_key {
-            req.insert_header("Authorization", format!("Bearer {key}"))?;
+        req.insert_header(header::HOST, self.host_values[index].clone())?;
+        if let Some(key) = &self.authorization {
+            req.insert_header(header::AUTHORIZATION, key.clone())?;
         }
         req.insert_header("X-Request-Id", meta.request_id)?;
-        if let Some(ip) = &meta.client_ip {
-            req.insert_header("X-Forwarded-For", ip.as_str())?;
+        if let Some(ip) = meta.client_ip {
+            req.insert_header("X-Forwarded-For", ip)?;
         }
-        req.insert_header("X-Forwarded-Proto", "http")?;
+        req.insert_header("X-Forwarded-Proto", http::HeaderValue::from_static("http"))?;
         if !server.base_path.is_empty() {
             let pq = req
                 .uri
@@ -238,7 +249,35 @@ impl Upstreams {
     }
 }
 
+/// The names in `headers` that are on `list` (lower case) and, with
+/// `connection_listed`, those named in a `Connection` header: found in one
+/// pass over the (few) headers present rather than one lookup per name.
+pub fn names_to_strip(
+    headers: &http::HeaderMap,
+    list: &[&str],
+    connection_listed: bool,
+) -> Vec<header::HeaderName> {
+    let mut doomed = Vec::new();
+    for name in headers.keys() {
+        if list.contains(&name.as_str()) {
+            doomed.push(name.clone());
+        }
+    }
+    if connection_listed {
+        for v in headers.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for token in v.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                // An invalid name cannot be present: nothing to remove.
+                if let Ok(name) = header::HeaderName::from_bytes(token.as_bytes()) {
+                    doomed.push(name);
+                }
+            }
+        }
+    }
+    doomed
+}
+
 pub struct ForwardMeta<'a> {
     pub request_id: &'a str,
-    pub client_ip: Option<String>,
+    pub client_ip: Option<&'a str>,
 }
