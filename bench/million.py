@@ -4,6 +4,7 @@
   million.py changes DATABASE_URL USERS REPS FLOW_B PID_A PID_B PORT_B METRICS_B DB
 """
 import http.client
+import os
 import random
 import statistics
 import subprocess
@@ -174,8 +175,12 @@ def changes(url, users, reps, flow_b, pid_a, pid_b, port_b, met_b, db):
     print(f"| API key created → in B's snapshot | {summary(keys)} |")
     print(f"| API key created → works on B's first request | {first_ok}/{reps} |")
 
-    # Database cost of one change: rows returned for this database over a
-    # window with one grant, minus the same window with no change.
+    # Database cost of one change: rows PostgreSQL returned or fetched for
+    # this database (every session: both instances, this psql) over a window
+    # with N grant changes, minus an idle window of the same length, over N.
+    n = int(os.environ.get("COST_CHANGES", "50"))
+    pace = float(os.environ.get("COST_PACE_S", "0.1"))
+
     def rows():
         time.sleep(2.5)  # backends flush their statistics at most once a second
         out = sql.run(f"SELECT pg_stat_clear_snapshot(); SELECT tup_returned + tup_fetched "
@@ -188,19 +193,53 @@ def changes(url, users, reps, flow_b, pid_a, pid_b, port_b, met_b, db):
                 metric(m, 'flowise_proxy_identity_snapshot_rows_read_total{kind="delta"}'))
 
     r0 = rows()
+    time.sleep(n * pace)
     r1 = rows()
     idle = r1 - r0
-    u = picks[0]
     b0 = b_rows()
-    sql.run(f"DELETE FROM grants WHERE user_id = {u} AND chatflow_id = '{flow_b}'")
-    wait_status(h, f"/chatflows/{flow_b}", token(u), 403)
+    start = time.perf_counter()
+    late = 0
+    for i in range(n):
+        u = picks[i % reps * 3]  # granted above: take the grant back, then give it again
+        if i < reps:
+            sql.run(f"DELETE FROM grants WHERE user_id = {u} AND chatflow_id = '{flow_b}'")
+            if wait_status(h, f"/chatflows/{flow_b}", token(u), 403, 5.0) is None:
+                late += 1
+        else:
+            v = picks[i] if i < len(picks) else rnd.randrange(1, users + 1)
+            sql.run(f"INSERT INTO grants (user_id, chatflow_id) VALUES ({v}, '{flow_b}') "
+                    f"ON CONFLICT DO NOTHING")
+        time.sleep(max(0.0, start + (i + 1) * pace - time.perf_counter()))
     r2 = rows()
     b1 = b_rows()
-    print(f"| DB rows returned+fetched for one grant change (both instances; idle window: {idle}) "
-          f"| {r2 - r1 - idle} |")
-    print(f"| rows B read for it: full / delta | {b1[0] - b0[0]:.0f} / {b1[1] - b0[1]:.0f} |")
+    per = (r2 - r1 - idle) / n
+    print(f"| DB rows returned+fetched per grant change, all sessions ({n} changes in "
+          f"{n * pace:.0f} s + 2.5 s, minus an idle window of the same length: "
+          f"{r2 - r1} - {idle}) | {per:,.0f} |")
+    if late:
+        print(f"| of those, not enforced on B within 5 s | {late} |")
+    print(f"| rows B read per change: full / delta | {(b1[0] - b0[0]) / n:,.1f} / "
+          f"{(b1[1] - b0[1]) / n:,.1f} |")
     for name, pid in (("A", int(pid_a)), ("B", int(pid_b))):
         print(f"| {name}: RSS after the changes / peak (VmHWM) | "
+              f"{rss_mb(pid):.0f} MB / {rss_mb(pid, 'VmHWM'):.0f} MB |")
+
+    # A lost LISTEN connection: both instances reload everything.
+    before = metric(metrics(met_b), "flowise_proxy_identity_snapshot_reloads_total")
+    sql.run("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{db}' AND application_name = 'flowise-proxy-listen'")
+    t0 = time.perf_counter()
+    t1 = None
+    while time.perf_counter() - t0 < 60:
+        if metric(metrics(met_b), "flowise_proxy_identity_snapshot_reloads_total") > before:
+            t1 = time.perf_counter()
+            break
+        time.sleep(0.01)
+    took = "never (60 s)" if t1 is None else f"{t1 - t0:.2f} s"
+    print(f"| B: LISTEN connection killed → full reload installed | {took} |")
+    time.sleep(1)
+    for name, pid in (("A", int(pid_a)), ("B", int(pid_b))):
+        print(f"| {name}: RSS after that reload / peak (VmHWM) | "
               f"{rss_mb(pid):.0f} MB / {rss_mb(pid, 'VmHWM'):.0f} MB |")
 
 

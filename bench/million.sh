@@ -19,9 +19,11 @@
 #     a new key works on its first request anyway (a snapshot miss is looked
 #     up), so for it the time until B's snapshot holds it (B's deltas
 #     counter) is reported; median and max;
-#   - database cost of one change: rows PostgreSQL returned for the bench
-#     database (pg_stat_database tup_returned + tup_fetched, both instances,
-#     stats flushed) over one grant, and the rows B says it read
+#   - database cost of one change: rows PostgreSQL returned or fetched for the
+#     bench database (pg_stat_database tup_returned + tup_fetched, every
+#     session, statistics flushed) over COST_CHANGES (default 50) grant
+#     changes COST_PACE_S (0.1) s apart, minus an idle window of the same
+#     length, per change; and the rows B says it read
 #     (flowise_proxy_identity_snapshot_rows_read_total, new code only).
 # The instances run with SNAPSHOT_RELOAD_INTERVAL_MS=$RELOAD_MS (default 600000)
 # so that the old code's periodic full reload does not blur the per-change
