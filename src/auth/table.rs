@@ -81,7 +81,7 @@ impl<K: ShardKey, V: Clone> Table<K, V> {
                 .into_iter()
                 .map(|mut rows| {
                     // Stable: of equal keys the later row ends up last.
-                    rows.sort_by(|a, b| a.0.cmp(&b.0));
+                    rows.sort_by_key(|r| r.0);
                     let mut out: Vec<(K, V)> = Vec::with_capacity(rows.len());
                     for r in rows {
                         match out.last_mut() {
@@ -145,7 +145,7 @@ impl<V: Clone> Table<(i64, u32), V> {
         let start = shard.partition_point(|((u, _), _)| *u < user);
         let end = shard.partition_point(|((u, _), _)| *u <= user);
         let mut new: Vec<((i64, u32), V)> = rows.into_iter().map(|(c, v)| ((user, c), v)).collect();
-        new.sort_by(|a, b| a.0.cmp(&b.0));
+        new.sort_by_key(|r| r.0);
         new.dedup_by(|a, b| a.0 == b.0);
         if start == end && new.is_empty() {
             return;
