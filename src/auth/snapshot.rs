@@ -426,6 +426,16 @@ impl SnapshotStore {
              {revoked} revoked ids in {} ms",
             started.elapsed().as_millis()
         );
+        // The previous tables (as large as the new ones) are free once the
+        // last reader lets go of them: give their pages back to the system,
+        // or the process keeps twice the snapshot's size after every full
+        // reload.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tokio::task::spawn_blocking(trim_heap).await;
+            });
+        }
         Ok(())
     }
 
@@ -651,6 +661,17 @@ impl SnapshotStore {
         }
     }
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 impl Default for SnapshotStore {
     fn default() -> Self {
