@@ -138,7 +138,9 @@ python3 "$ROOT/bench/million.py" changes "$DATABASE_URL" "$USERS" "$REPS" "$FLOW
 
 COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo
-echo "### identity at $USERS users: $(basename "$BIN") ($("$BIN" --version 2>/dev/null | head -n1 || true)), commit $COMMIT"
+echo "### identity at $USERS users: ${LABEL:-$BIN}"
+echo
+echo "binary: $BIN ($("$BIN" --version 2>/dev/null | head -n1 || true)); bench script at commit $COMMIT"
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "data: $USERS users, $USERS API keys, $USERS grants, loaded in ${LOAD_S} s (SQL); SNAPSHOT_RELOAD_INTERVAL_MS=$RELOAD_MS"
