@@ -237,9 +237,9 @@ def changes(url, users, reps, flow_b, pid_a, pid_b, port_b, met_b, db):
         time.sleep(0.01)
     took = "never (60 s)" if t1 is None else f"{t1 - t0:.2f} s"
     print(f"| B: LISTEN connection killed → full reload installed | {took} |")
-    time.sleep(1)
+    time.sleep(3)  # the previous tables are handed back 1 s after the install
     for name, pid in (("A", int(pid_a)), ("B", int(pid_b))):
-        print(f"| {name}: RSS after that reload / peak (VmHWM) | "
+        print(f"| {name}: RSS 3 s after that reload / peak (VmHWM) | "
               f"{rss_mb(pid):.0f} MB / {rss_mb(pid, 'VmHWM'):.0f} MB |")
 
 
