@@ -41,6 +41,8 @@ pub struct Config {
     pub health_check_interval: Duration,
     pub catalog_sync_interval: Duration,
     pub snapshot_reload_interval: Duration,
+    /// A full identity reload this often (a safety net; deltas keep it current).
+    pub snapshot_full_reload_interval: Duration,
     pub sweeper_interval: Duration,
     /// How long SIGTERM waits for in-flight requests before Pingora's own exit.
     pub grace_period: Duration,
@@ -598,6 +600,7 @@ impl Config {
         let health_check_interval = ms("HEALTH_CHECK_INTERVAL_MS", 1000, errs);
         let catalog_sync_interval = ms("CATALOG_SYNC_INTERVAL_MS", 60_000, errs);
         let snapshot_reload_interval = ms("SNAPSHOT_RELOAD_INTERVAL_MS", 5_000, errs);
+        let snapshot_full_reload_interval = ms("SNAPSHOT_FULL_RELOAD_INTERVAL_MS", 3_600_000, errs);
         let sweeper_interval = ms("SWEEPER_INTERVAL_MS", 10_000, errs);
         let credit_lease_idle = ms("CREDIT_LEASE_IDLE_MS", 5_000, errs);
         let grace_period = Duration::from_secs(src.parse("GRACE_PERIOD_SECONDS", 30u64, errs));
@@ -635,6 +638,7 @@ impl Config {
             health_check_interval,
             catalog_sync_interval,
             snapshot_reload_interval,
+            snapshot_full_reload_interval,
             sweeper_interval,
             grace_period,
             login_attempts_per_minute,

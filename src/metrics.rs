@@ -72,12 +72,26 @@ metric!(LOGINS: IntCounterVec = register_int_counter_vec!(
 ));
 metric!(SNAPSHOT_AGE_SECONDS: IntGauge = register_int_gauge!(
     "flowise_proxy_identity_snapshot_age_seconds",
-    "Seconds since the identity snapshot was last fully reloaded"
+    "Seconds since the identity snapshot was last known current (a load, a delta, or a live LISTEN connection)"
 ));
 metric!(SNAPSHOT_RELOADS: IntCounterVec = register_int_counter_vec!(
     "flowise_proxy_identity_snapshot_reloads_total",
-    "Identity snapshot reloads by trigger",
+    "Full identity snapshot reloads by trigger (startup, reconnect, periodic, unparsed, overflow)",
     &["trigger"]
+));
+metric!(SNAPSHOT_DELTAS: IntCounter = register_int_counter!(
+    "flowise_proxy_identity_snapshot_deltas_total",
+    "Identity changes applied as deltas (only the changed rows re-read)"
+));
+metric!(SNAPSHOT_ROWS_READ: IntCounterVec = register_int_counter_vec!(
+    "flowise_proxy_identity_snapshot_rows_read_total",
+    "Rows read from the database into the identity snapshot, by kind (full, delta)",
+    &["kind"]
+));
+metric!(SNAPSHOT_ENTRIES: IntGaugeVec = register_int_gauge_vec!(
+    "flowise_proxy_identity_snapshot_entries",
+    "Entries held by the identity snapshot by kind (users, api_keys, grants, revoked; bytes: their size)",
+    &["kind"]
 ));
 metric!(CREDITS: IntCounterVec = register_int_counter_vec!(
     "flowise_proxy_credits_total",
@@ -160,6 +174,9 @@ pub fn init() {
     Lazy::force(&LOGINS);
     Lazy::force(&SNAPSHOT_AGE_SECONDS);
     Lazy::force(&SNAPSHOT_RELOADS);
+    Lazy::force(&SNAPSHOT_DELTAS);
+    Lazy::force(&SNAPSHOT_ROWS_READ);
+    Lazy::force(&SNAPSHOT_ENTRIES);
     Lazy::force(&CREDITS);
     Lazy::force(&HOLDS_REJECTED);
     Lazy::force(&SETTLEMENT_QUEUE);
@@ -171,7 +188,7 @@ pub fn init() {
     Lazy::force(&ACCESS_LOG_DROPPED);
     // Every documented series exists from start-up (at zero), so that rates,
     // alerts and dashboards have data before the first event.
-    let labelled: [(&IntCounterVec, &[&str]); 7] = [
+    let labelled: [(&IntCounterVec, &[&str]); 8] = [
         (&CREDITS, &["held", "captured", "voided", "expired"]),
         (
             &UPSTREAM_ERRORS,
@@ -195,7 +212,11 @@ pub fn init() {
             ],
         ),
         (&LOGINS, &["success", "failure"]),
-        (&SNAPSHOT_RELOADS, &["startup", "notify", "periodic"]),
+        (
+            &SNAPSHOT_RELOADS,
+            &["startup", "reconnect", "periodic", "unparsed", "overflow"],
+        ),
+        (&SNAPSHOT_ROWS_READ, &["full", "delta"]),
         (
             &LEDGER_ERRORS,
             &["hold", "settle", "sweep", "renew", "late_capture"],

@@ -129,16 +129,15 @@ impl BackgroundService for Maintenance {
         let app = self.app.clone();
         tokio::spawn(crate::listen_socket::defer_accept(app.cfg.port));
         tokio::spawn(crate::limits::run_memory_trimmer());
+        // The listener connects first; the reloader's start-up load follows
+        // its LISTEN, so no change between the two is missed.
         let snapshot = app.auth.snapshot.clone();
-        if let Err(e) = snapshot.reload(&app.db, "startup").await {
-            log::warn!("initial identity snapshot failed: {e}");
-        }
-        tokio::spawn(
-            snapshot
-                .clone()
-                .run_reloader(app.db.clone(), app.cfg.snapshot_reload_interval),
-        );
-        tokio::spawn(snapshot.run_listener(app.cfg.database_url.clone()));
+        tokio::spawn(snapshot.clone().run_listener(app.cfg.database_url.clone()));
+        tokio::spawn(snapshot.run_reloader(
+            app.db.clone(),
+            app.cfg.snapshot_reload_interval,
+            app.cfg.snapshot_full_reload_interval,
+        ));
         app.auth.start_background();
         tokio::spawn(app.ledger.clone().run_settler());
         tokio::spawn(app.ledger.clone().run_hold_writers());

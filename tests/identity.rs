@@ -360,6 +360,120 @@ async fn changes_reach_a_second_instance_within_a_second() {
     );
 }
 
+/// The sum of a metric's series on a proxy's `/metrics` (0 when absent).
+async fn metric_sum(w: &World, metrics_url: &str, name: &str, label: Option<&str>) -> f64 {
+    let text = w
+        .http
+        .get(format!("{metrics_url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name) && label.is_none_or(|lb| l.contains(lb))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A grant, a key and a revocation made on instance one are in force on
+/// instance two within 1 s as deltas: two re-reads only the changed rows and
+/// never reloads the whole identity snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_a_second_instance_as_deltas_without_a_full_reload() {
+    use futures::FutureExt;
+    const RELOADS: &str = "flowise_proxy_identity_snapshot_reloads_total";
+    const ROWS: &str = "flowise_proxy_identity_snapshot_rows_read_total";
+    let w = World::start().await;
+    w.wait_catalog().await;
+    let second = w.second_instance(|o| o).await;
+    w.add_user("root", "admin", 0);
+    let admin = w.login("root").await;
+    let (uid, token) = w.user_with("frank", 5, FLOW).await;
+    let on_second = |token: String, path: String| {
+        let http = w.http.clone();
+        let url = format!("{}{}", second.base_url, path);
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let within = |want: u16, token: String, path: String| async move {
+        support::wait_until(Duration::from_millis(1000), || {
+            on_second(token.clone(), path.clone()).then(move |s| async move { s == want })
+        })
+        .await
+    };
+    // Instance two knows the user (its start-up load or a delta).
+    assert!(within(200, token.clone(), format!("/chatflows/{FLOW}")).await);
+    assert_eq!(
+        on_second(token.clone(), format!("/chatflows/{FLOW2}")).await,
+        403
+    );
+    let m = &second.metrics_url;
+    let full_before = metric_sum(&w, m, RELOADS, None).await;
+    let full_rows_before = metric_sum(&w, m, ROWS, Some("kind=\"full\"")).await;
+    let delta_rows_before = metric_sum(&w, m, ROWS, Some("kind=\"delta\"")).await;
+
+    // A grant through the admin API on one: in force on two within 1 s.
+    let r = w
+        .post(
+            &format!("/admin/chatflows/{FLOW2}/users"),
+            &admin,
+            &json!({"user_id": uid}),
+        )
+        .await;
+    assert!(r.status().is_success(), "grant: {}", r.status());
+    assert!(
+        within(200, token.clone(), format!("/chatflows/{FLOW2}")).await,
+        "grant not in force on instance two within 1 s"
+    );
+    // A new key, then its revocation.
+    let key: Value = w
+        .post_json(&format!("/admin/users/{uid}/api-keys"), &admin, &json!({}))
+        .await;
+    let key_id = key["id"].as_i64().expect("key id");
+    let key = key["api_key"].as_str().expect("api key").to_string();
+    assert!(within(200, key.clone(), "/chat/credits".into()).await);
+    w.delete(&format!("/admin/api-keys/{key_id}"), &admin).await;
+    assert!(
+        within(401, key, "/chat/credits".into()).await,
+        "revoked key still works on instance two"
+    );
+    // The grant's removal.
+    w.delete(
+        &format!("/admin/chatflows/{FLOW2}/users?user_id={uid}"),
+        &admin,
+    )
+    .await;
+    assert!(
+        within(403, token.clone(), format!("/chatflows/{FLOW2}")).await,
+        "grant removal not in force on instance two within 1 s"
+    );
+
+    assert_eq!(
+        metric_sum(&w, m, RELOADS, None).await,
+        full_before,
+        "instance two reloaded everything for a change of a few rows"
+    );
+    assert_eq!(
+        metric_sum(&w, m, ROWS, Some("kind=\"full\"")).await,
+        full_rows_before
+    );
+    let delta_rows = metric_sum(&w, m, ROWS, Some("kind=\"delta\"")).await - delta_rows_before;
+    assert!(
+        (1.0..50.0).contains(&delta_rows),
+        "instance two read {delta_rows} rows for four changes"
+    );
+}
+
 /// The curl commands of the README's "Using the API" block, one per entry,
 /// continuation lines joined.
 fn readme_curl_commands() -> Vec<String> {

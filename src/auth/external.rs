@@ -291,7 +291,7 @@ impl External {
             user =
                 store::identity::update_user(db, user.id, Some("user"), None, None, None).await?;
             snapshot.refresh_now().await;
-        } else if !snapshot.get().users.contains_key(&user.id) {
+        } else if snapshot.get().user(user.id).is_none() {
             // Just provisioned: the tokens we are about to issue are checked
             // against the snapshot, so it must hold the user first.
             snapshot.refresh_now().await;
@@ -309,8 +309,8 @@ impl External {
         let known = self.links.read().get(&v.identity).copied();
         if let Some(user_id) = known {
             let snap = snapshot.get();
-            if let Some(user) = snap.users.get(&user_id) {
-                if snap.revoked.contains(&v.token_id) {
+            if let Some(user) = snap.user(user_id) {
+                if snap.is_revoked(&v.token_id) {
                     return Err(AuthFailure::Revoked);
                 }
                 return admit(v, user_id, user.role, user.active, user.tokens_valid_after);
@@ -329,7 +329,7 @@ impl External {
         self.links
             .write()
             .insert(v.identity.clone(), linked.user_id);
-        if snapshot.get().revoked.contains(&v.token_id) {
+        if snapshot.get().is_revoked(&v.token_id) {
             return Err(AuthFailure::Revoked);
         }
         admit(

@@ -99,14 +99,11 @@ impl Lookups {
             prefix.to_string(),
             || async {
                 let row = store::identity::api_key_by_prefix(db, prefix).await?;
-                Ok(row.map(|(user_id, secret_hash, role, active, after)| {
-                    (
-                        KeyEntry {
-                            user_id,
-                            secret_hash,
-                        },
+                Ok(row.and_then(|(user_id, secret_hash, role, active, after)| {
+                    Some((
+                        KeyEntry::new(user_id, &secret_hash)?,
                         user_entry(&role, active, after),
-                    )
+                    ))
                 }))
             },
         )

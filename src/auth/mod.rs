@@ -9,6 +9,7 @@ mod jwks;
 pub mod lookup;
 pub mod password;
 pub mod snapshot;
+mod table;
 pub mod throttle;
 mod verified;
 
@@ -211,7 +212,7 @@ impl Auth {
 
     /// A user by id: from the snapshot, else from the database.
     async fn user(&self, db: &Db, id: i64) -> Option<snapshot::UserEntry> {
-        let known = self.snapshot.get().users.get(&id).cloned();
+        let known = self.snapshot.get().user(id);
         match known {
             Some(u) => Some(u),
             None => self.lookups.user(db, &self.snapshot, id).await,
@@ -222,9 +223,10 @@ impl Auth {
         let (prefix, secret) = password::parse_api_key(token).ok_or(AuthFailure::BadApiKey)?;
         let known = {
             let snap = self.snapshot.get();
-            snap.api_keys
-                .get(prefix)
-                .map(|k| (k.clone(), snap.users.get(&k.user_id).cloned()))
+            snap.api_key(prefix).map(|k| {
+                let user = snap.user(k.user_id);
+                (k, user)
+            })
         };
         let (key, user) = match known {
             Some(found) => found,
@@ -279,7 +281,7 @@ impl Auth {
         }
         let revoked = {
             let snap = self.snapshot.get();
-            snap.revoked.contains(&jti) || family.is_some_and(|f| snap.revoked.contains(&f))
+            snap.is_revoked(&jti) || family.is_some_and(|f| snap.is_revoked(&f))
         };
         if revoked {
             return Err(AuthFailure::Revoked);

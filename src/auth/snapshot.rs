@@ -2,21 +2,31 @@
 //! and the chatflow catalogue. Authenticating and authorising a request reads
 //! only this (no database round trip).
 //!
-//! Freshness: every instance LISTENs on `flowise_proxy_snapshot` (triggers on the
-//! tables notify on any change) and reloads at once; a periodic full reload is the
-//! safety net, and a lost LISTEN connection is re-established in a loop.
+//! Size: compact sharded tables (`table`): 24 bytes a user, 52 an API key,
+//! 16 a grant (chatflow ids are interned), no per-user heap allocation; a
+//! million users with a key and a grant each take about 92 MB. A full load
+//! streams the rows straight into them.
+//!
+//! Freshness: every instance LISTENs on [`CHANNEL`]; row triggers (V7) notify
+//! what changed (`u:<user id>`, `g:<user id>` for their grants, `k:<key
+//! prefix>`, `r:<revoked id>`, `c:<chatflow id>`). The reloader re-reads only
+//! those rows and installs a patched copy (its cost follows the change, not
+//! the number of users). A lost LISTEN connection or a payload it does not
+//! understand means a full reload; so does a rare periodic safety net.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
+use super::table::{Buckets, Table};
 use crate::store::{self, catalog::ChatflowRow, Db};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -42,7 +52,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct UserEntry {
     pub role: Role,
     pub active: bool,
@@ -52,49 +62,296 @@ pub struct UserEntry {
 #[derive(Debug, Clone)]
 pub struct KeyEntry {
     pub user_id: i64,
-    pub secret_hash: Vec<u8>,
+    pub secret_hash: [u8; 32],
 }
 
-#[derive(Default)]
+impl KeyEntry {
+    /// From a stored hash (always a SHA-256); `None` for anything else.
+    pub fn new(user_id: i64, secret_hash: &[u8]) -> Option<KeyEntry> {
+        Some(KeyEntry {
+            user_id,
+            secret_hash: secret_hash.try_into().ok()?,
+        })
+    }
+}
+
+/// An API key as the snapshot stores it: 40 bytes, alignment 1 (with its
+/// 12-byte prefix, 52 bytes a key).
+#[derive(Clone, Copy)]
+struct KeyRow {
+    hash: [u8; 32],
+    user: [u8; 8],
+}
+
+fn prefix_key(prefix: &str) -> Option<[u8; 12]> {
+    prefix.as_bytes().try_into().ok()
+}
+
+/// Chatflow ids as small numbers (a grant is a user id and one of these).
+#[derive(Clone, Default)]
+struct Interner {
+    ids: HashMap<Box<str>, u32>,
+}
+
+impl Interner {
+    fn get(&self, id: &str) -> Option<u32> {
+        self.ids.get(id).copied()
+    }
+    fn intern(&mut self, id: &str) -> u32 {
+        if let Some(n) = self.ids.get(id) {
+            return *n;
+        }
+        let n = self.ids.len() as u32;
+        self.ids.insert(id.into(), n);
+        n
+    }
+}
+
+/// What every request reads. Cheap to clone (shards are shared): a delta
+/// clones it, patches the shards it touches and installs the copy.
+#[derive(Clone, Default)]
 pub struct Snapshot {
-    pub users: HashMap<i64, UserEntry>,
-    pub api_keys: HashMap<String, KeyEntry>,
-    pub revoked: HashSet<Uuid>,
-    pub grants: HashSet<(i64, String)>,
-    pub chatflows: HashMap<String, ChatflowRow>,
+    users: Table<i64, UserEntry>,
+    api_keys: Table<[u8; 12], KeyRow>,
+    /// Revoked access-token ids (and login families), with their expiry
+    /// (unix seconds).
+    revoked: Table<Uuid, i64>,
+    grants: Table<(i64, u32), ()>,
+    chatflow_ids: Arc<Interner>,
+    pub chatflows: Arc<HashMap<String, ChatflowRow>>,
     pub loaded: Option<Instant>,
 }
 
 impl Snapshot {
+    pub fn user(&self, id: i64) -> Option<UserEntry> {
+        self.users.get(&id).copied()
+    }
+
+    pub fn api_key(&self, prefix: &str) -> Option<KeyEntry> {
+        let row = self.api_keys.get(&prefix_key(prefix)?)?;
+        Some(KeyEntry {
+            user_id: i64::from_le_bytes(row.user),
+            secret_hash: row.hash,
+        })
+    }
+
+    /// A revoked access-token id or login family.
+    pub fn is_revoked(&self, id: &Uuid) -> bool {
+        self.revoked.contains(id)
+    }
+
     pub fn is_granted(&self, user_id: i64, chatflow_id: &str) -> bool {
-        self.grants.contains(&(user_id, chatflow_id.to_string()))
+        self.chatflow_ids
+            .get(chatflow_id)
+            .is_some_and(|c| self.grants.contains(&(user_id, c)))
     }
 
     /// A chatflow that exists in the catalogue and was not deleted in Flowise.
     pub fn chatflow(&self, id: &str) -> Option<&ChatflowRow> {
         self.chatflows.get(id).filter(|c| !c.deleted)
     }
+
+    /// (users, api keys, grants, revoked ids) held.
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        (
+            self.users.len(),
+            self.api_keys.len(),
+            self.grants.len(),
+            self.revoked.len(),
+        )
+    }
+
+    /// Bytes held by the rows of the tables.
+    pub fn bytes(&self) -> usize {
+        self.users.bytes() + self.api_keys.bytes() + self.grants.bytes() + self.revoked.bytes()
+    }
+
+    fn set_user(&mut self, id: i64, role: &str, active: bool, after: DateTime<Utc>) {
+        self.users.upsert(id, user_entry(role, active, after));
+    }
+
+    fn set_key(&mut self, prefix: &str, user_id: i64, hash: &[u8]) {
+        if let (Some(p), Ok(hash)) = (prefix_key(prefix), hash.try_into()) {
+            self.api_keys.upsert(
+                p,
+                KeyRow {
+                    hash,
+                    user: user_id.to_le_bytes(),
+                },
+            );
+        }
+    }
+}
+
+fn user_entry(role: &str, active: bool, after: DateTime<Utc>) -> UserEntry {
+    UserEntry {
+        role: Role::parse(role).unwrap_or(Role::User),
+        active,
+        tokens_valid_after: after,
+    }
+}
+
+/// Builds a snapshot from a full load as its rows stream in.
+struct Loader {
+    users: Buckets<i64, UserEntry>,
+    api_keys: Buckets<[u8; 12], KeyRow>,
+    revoked: Buckets<Uuid, i64>,
+    grants: Buckets<(i64, u32), ()>,
+    chatflow_ids: Interner,
+    chatflows: Vec<ChatflowRow>,
+}
+
+impl store::identity::IdentitySink for Loader {
+    fn expect(&mut self, users: usize, keys: usize, grants: usize) {
+        self.users = Buckets::new(users);
+        self.api_keys = Buckets::new(keys);
+        self.grants = Buckets::new(grants);
+    }
+    fn user(&mut self, id: i64, role: &str, active: bool, after: DateTime<Utc>) {
+        self.users.push(id, user_entry(role, active, after));
+    }
+    fn api_key(&mut self, prefix: &str, user_id: i64, hash: &[u8]) {
+        if let (Some(p), Ok(hash)) = (prefix_key(prefix), hash.try_into()) {
+            self.api_keys.push(
+                p,
+                KeyRow {
+                    hash,
+                    user: user_id.to_le_bytes(),
+                },
+            );
+        }
+    }
+    fn revoked(&mut self, jti: Uuid, expires_at: DateTime<Utc>) {
+        self.revoked.push(jti, expires_at.timestamp());
+    }
+    fn grant(&mut self, user_id: i64, chatflow_id: &str) {
+        let c = self.chatflow_ids.intern(chatflow_id);
+        self.grants.push((user_id, c), ());
+    }
+    fn chatflows(&mut self, rows: Vec<ChatflowRow>) {
+        self.chatflows = rows;
+    }
+}
+
+impl Loader {
+    fn new() -> Self {
+        Loader {
+            users: Buckets::new(0),
+            api_keys: Buckets::new(0),
+            revoked: Buckets::new(0),
+            grants: Buckets::new(0),
+            chatflow_ids: Interner::default(),
+            chatflows: Vec::new(),
+        }
+    }
+
+    fn finish(self) -> Snapshot {
+        let mut chatflow_ids = self.chatflow_ids;
+        for c in &self.chatflows {
+            chatflow_ids.intern(&c.id);
+        }
+        Snapshot {
+            users: Table::from_buckets(self.users),
+            api_keys: Table::from_buckets(self.api_keys),
+            revoked: Table::from_buckets(self.revoked),
+            grants: Table::from_buckets(self.grants),
+            chatflow_ids: Arc::new(chatflow_ids),
+            chatflows: Arc::new(
+                self.chatflows
+                    .into_iter()
+                    .map(|c| (c.id.clone(), c))
+                    .collect(),
+            ),
+            loaded: Some(Instant::now()),
+        }
+    }
+}
+
+/// The notification channel; payloads name what changed (see
+/// `migrations/V7__identity_deltas.sql`).
+pub const CHANNEL: &str = "flowise_proxy_identity";
+
+/// More changes than this in one batch: one full reload instead.
+const DELTA_LIMIT: usize = 50_000;
+
+/// Changes noted by the listener, not yet applied.
+#[derive(Default)]
+struct Pending {
+    users: HashSet<i64>,
+    grants_of: HashSet<i64>,
+    api_keys: HashSet<String>,
+    revoked: HashSet<Uuid>,
+    chatflows: bool,
+    /// A full reload is wanted (its trigger).
+    full: Option<&'static str>,
+    /// The highest of this instance's markers received (see `refresh_now`).
+    marker: u64,
+}
+
+impl Pending {
+    fn changes(&self) -> usize {
+        self.users.len()
+            + self.grants_of.len()
+            + self.api_keys.len()
+            + self.revoked.len()
+            + usize::from(self.chatflows)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes() == 0 && self.full.is_none() && self.marker == 0
+    }
+
+    /// Puts back a batch that could not be applied.
+    fn merge(&mut self, other: Pending) {
+        self.users.extend(other.users);
+        self.grants_of.extend(other.grants_of);
+        self.api_keys.extend(other.api_keys);
+        self.revoked.extend(other.revoked);
+        self.chatflows |= other.chatflows;
+        self.full = self.full.or(other.full);
+        self.marker = self.marker.max(other.marker);
+    }
 }
 
 pub struct SnapshotStore {
     current: ArcSwap<Snapshot>,
+    /// Bumped at every install (the look-up cache keys on it).
+    generation: AtomicU64,
+    pending: Mutex<Pending>,
     /// Wakes the reloader (a local change, or a notification).
     wake: Notify,
-    /// Reloads are numbered when they start reading. A reload installs its
-    /// snapshot only if no later-started one is in place (an older read
-    /// never replaces a newer one), and [`refresh_now`](Self::refresh_now)
-    /// waits on `installed` for a reload that started after its change.
-    started: AtomicU64,
-    installed: watch::Sender<u64>,
+    /// Names this instance's markers among every instance's.
+    instance: String,
+    /// Markers handed out by `refresh_now`, and the highest one whose
+    /// changes are installed.
+    next_marker: AtomicU64,
+    done_marker: watch::Sender<u64>,
+    /// The LISTEN connection is up (notifications are flowing).
+    listening: AtomicBool,
+    /// Connected at least once (the first connect asks for the start-up load).
+    listened: AtomicBool,
+    /// Set when the reloader starts (`refresh_now` sends its marker with it).
+    db: OnceLock<Db>,
+    /// One writer at a time.
+    writer: tokio::sync::Mutex<()>,
+    in_sync_at: Mutex<Option<Instant>>,
 }
 
 impl SnapshotStore {
     pub fn new() -> Self {
         SnapshotStore {
             current: ArcSwap::from_pointee(Snapshot::default()),
+            generation: AtomicU64::new(0),
+            pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
-            started: AtomicU64::new(0),
-            installed: watch::channel(0).0,
+            instance: Uuid::new_v4().simple().to_string(),
+            next_marker: AtomicU64::new(0),
+            done_marker: watch::channel(0).0,
+            listening: AtomicBool::new(false),
+            listened: AtomicBool::new(false),
+            db: OnceLock::new(),
+            writer: tokio::sync::Mutex::new(()),
+            in_sync_at: Mutex::new(None),
         }
     }
 
@@ -102,129 +359,319 @@ impl SnapshotStore {
         self.current.load()
     }
 
-    /// The number of the installed snapshot: it changes with every install.
+    /// The number of the installed snapshot: it changes with every install
+    /// (a full reload or a delta).
     pub fn generation(&self) -> u64 {
-        *self.installed.borrow()
+        self.generation.load(Ordering::SeqCst)
     }
 
     pub fn is_loaded(&self) -> bool {
         self.current.load().loaded.is_some()
     }
 
-    /// Reloads everything now.
-    pub async fn reload(&self, db: &Db, trigger: &str) -> Result<(), store::StoreError> {
-        let seq = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        let rows = store::identity::load_snapshot(db).await?;
-        let mut s = Snapshot {
-            loaded: Some(Instant::now()),
-            ..Default::default()
-        };
-        for (id, _username, role, active, after) in rows.users {
-            s.users.insert(
-                id,
-                UserEntry {
-                    role: Role::parse(&role).unwrap_or(Role::User),
-                    active,
-                    tokens_valid_after: after,
-                },
-            );
+    fn install(&self, s: Snapshot) {
+        let (users, keys, grants, revoked) = s.counts();
+        for (kind, n) in [
+            ("users", users),
+            ("api_keys", keys),
+            ("grants", grants),
+            ("revoked", revoked),
+            ("bytes", s.bytes()),
+        ] {
+            crate::metrics::SNAPSHOT_ENTRIES
+                .with_label_values(&[kind])
+                .set(n as i64);
         }
-        for (_id, user_id, prefix, secret_hash) in rows.api_keys {
-            s.api_keys.insert(
-                prefix,
-                KeyEntry {
-                    user_id,
-                    secret_hash,
-                },
-            );
-        }
-        s.revoked = rows.revoked.into_iter().collect();
-        s.grants = rows.grants.into_iter().collect();
-        s.chatflows = rows
-            .chatflows
-            .into_iter()
-            .map(|c| (c.id.clone(), c))
-            .collect();
-        let newest = self.installed.send_if_modified(|installed| {
-            if seq < *installed {
-                return false;
+        self.current.store(Arc::new(s));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.mark_in_sync();
+    }
+
+    fn mark_in_sync(&self) {
+        *self.in_sync_at.lock() = Some(Instant::now());
+        crate::metrics::SNAPSHOT_AGE_SECONDS.set(0);
+    }
+
+    fn finish_marker(&self, upto: u64) {
+        self.done_marker.send_if_modified(|done| {
+            if upto > *done {
+                *done = upto;
+                true
+            } else {
+                false
             }
-            *installed = seq;
-            self.current.store(Arc::new(s));
-            true
         });
-        if !newest {
-            return Ok(());
-        }
+    }
+
+    /// Reloads everything now (streamed: rows go straight into the compact
+    /// tables). Covers every `refresh_now` that began before it.
+    pub async fn reload(&self, db: &Db, trigger: &str) -> Result<(), store::StoreError> {
+        let _writer = self.writer.lock().await;
+        let covers = self.next_marker.load(Ordering::SeqCst);
+        let started = Instant::now();
+        let mut loader = Loader::new();
+        let rows = store::identity::load_identity(db, &mut loader).await?;
+        let s = loader.finish();
+        let (users, keys, grants, revoked) = s.counts();
+        self.install(s);
+        self.finish_marker(covers);
         crate::metrics::SNAPSHOT_RELOADS
             .with_label_values(&[trigger])
             .inc();
-        crate::metrics::SNAPSHOT_AGE_SECONDS.set(0);
+        crate::metrics::SNAPSHOT_ROWS_READ
+            .with_label_values(&["full"])
+            .inc_by(rows);
+        log::info!(
+            "identity snapshot loaded ({trigger}): {users} users, {keys} api keys, {grants} grants, \
+             {revoked} revoked ids in {} ms",
+            started.elapsed().as_millis()
+        );
+        // The previous tables (as large as the new ones) are free once the
+        // last reader lets go of them: give their pages back to the system,
+        // or the process keeps twice the snapshot's size after every full
+        // reload.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tokio::task::spawn_blocking(trim_heap).await;
+            });
+        }
         Ok(())
     }
 
-    /// Asks the reloader for a reload soon (after a local change).
+    /// Re-reads only the rows a batch names and patches a copy of the
+    /// snapshot (copying only the shards it touches).
+    async fn apply_delta(&self, db: &Db, batch: &Pending) -> Result<(), store::StoreError> {
+        let _writer = self.writer.lock().await;
+        if batch.changes() > 0 {
+            let keys = store::identity::ChangedKeys {
+                users: batch.users.iter().copied().collect(),
+                grants_of: batch.grants_of.iter().copied().collect(),
+                api_keys: batch.api_keys.iter().cloned().collect(),
+                revoked: batch.revoked.iter().copied().collect(),
+                chatflows: batch.chatflows,
+            };
+            let rows = store::identity::read_changes(db, &keys).await?;
+            let read = rows.count();
+            let mut s = Snapshot::clone(&self.current.load());
+            for id in &keys.users {
+                s.users.remove(id);
+            }
+            for (id, role, active, after) in &rows.users {
+                s.set_user(*id, role, *active, *after);
+            }
+            let mut granted: HashMap<i64, Vec<(u32, ())>> =
+                keys.grants_of.iter().map(|u| (*u, Vec::new())).collect();
+            if !rows.grants.is_empty() {
+                let ids = Arc::make_mut(&mut s.chatflow_ids);
+                for (user, chatflow) in &rows.grants {
+                    granted
+                        .entry(*user)
+                        .or_default()
+                        .push((ids.intern(chatflow), ()));
+                }
+            }
+            for (user, list) in granted {
+                s.grants.replace_user(user, list);
+            }
+            for prefix in &keys.api_keys {
+                if let Some(p) = prefix_key(prefix) {
+                    s.api_keys.remove(&p);
+                }
+            }
+            for (prefix, user_id, hash) in &rows.api_keys {
+                s.set_key(prefix, *user_id, hash);
+            }
+            for jti in &keys.revoked {
+                s.revoked.remove(jti);
+            }
+            for (jti, expires_at) in &rows.revoked {
+                s.revoked.upsert(*jti, expires_at.timestamp());
+            }
+            if let Some(chatflows) = rows.chatflows {
+                let ids = Arc::make_mut(&mut s.chatflow_ids);
+                for c in &chatflows {
+                    ids.intern(&c.id);
+                }
+                s.chatflows = Arc::new(chatflows.into_iter().map(|c| (c.id.clone(), c)).collect());
+            }
+            self.install(s);
+            crate::metrics::SNAPSHOT_DELTAS.inc();
+            crate::metrics::SNAPSHOT_ROWS_READ
+                .with_label_values(&["delta"])
+                .inc_by(read);
+        }
+        self.finish_marker(batch.marker);
+        Ok(())
+    }
+
+    /// Asks the reloader to read the chatflow catalogue again soon (after a
+    /// sync on this instance).
     pub fn invalidate(&self) {
+        self.pending.lock().chatflows = true;
         self.wake.notify_one();
     }
 
-    /// Wakes the reloader and waits (up to 2 s) until a reload that started
-    /// after the caller's change is installed, so that a change made through
-    /// this instance (a revoke, a deactivation, a grant) is in force here
-    /// before its answer goes out. It is the same reload the change's NOTIFY
-    /// asks for, not a second one. Other instances follow through NOTIFY.
+    /// Notes one notification payload (see the V7 migration): the rows it
+    /// names are read again; anything unparseable asks for a full reload.
+    fn note(&self, payload: &str) {
+        let mut p = self.pending.lock();
+        let ok = match payload.split_once(':') {
+            Some(("u", id)) => id.parse().map(|id| p.users.insert(id)).is_ok(),
+            Some(("g", id)) => id.parse().map(|id| p.grants_of.insert(id)).is_ok(),
+            Some(("k", prefix)) => {
+                // A prefix of another length is never in the snapshot.
+                if prefix.len() == 12 {
+                    p.api_keys.insert(prefix.to_string());
+                }
+                true
+            }
+            Some(("r", jti)) => Uuid::parse_str(jti).map(|j| p.revoked.insert(j)).is_ok(),
+            Some(("c", _)) => {
+                p.chatflows = true;
+                true
+            }
+            Some(("m", marker)) => match marker.split_once(':') {
+                Some((instance, n)) if instance == self.instance => match n.parse::<u64>() {
+                    Ok(n) => {
+                        p.marker = p.marker.max(n);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                // Another instance's marker: nothing changed.
+                Some(_) => return,
+                None => false,
+            },
+            _ => false,
+        };
+        if !ok {
+            log::warn!("identity notification not understood ({payload:.40}): full reload");
+            p.full = Some("unparsed");
+        }
+        drop(p);
+        self.wake.notify_one();
+    }
+
+    fn request_full(&self, trigger: &'static str) {
+        self.pending.lock().full = Some(trigger);
+        self.wake.notify_one();
+    }
+
+    /// Waits (up to 2 s) until every change committed before this call is
+    /// installed here, so that a change made through this instance (a
+    /// revoke, a deactivation, a grant) is in force before its answer goes
+    /// out. It sends a marker notification after the change: notifications
+    /// arrive in commit order, so once the marker is back, the change's own
+    /// notification is in, and its rows are re-read with the marker's batch.
+    /// Other instances follow through the change's notification.
     pub async fn refresh_now(&self) {
-        let wanted = self.started.load(Ordering::SeqCst) + 1;
-        let mut installed = self.installed.subscribe();
-        self.invalidate();
-        let waited = tokio::time::timeout(
-            Duration::from_secs(2),
-            installed.wait_for(|seq| *seq >= wanted),
-        )
-        .await;
+        let n = self.next_marker.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut done = self.done_marker.subscribe();
+        if self.listening.load(Ordering::SeqCst) {
+            if let Some(db) = self.db.get() {
+                let payload = format!("m:{}:{n}", self.instance);
+                if let Err(e) = store::identity::notify_marker(db, CHANNEL, &payload).await {
+                    log::warn!("identity marker not sent: {e}");
+                }
+            }
+        }
+        // Without LISTEN, the reconnect's full reload covers the change.
+        let waited = tokio::time::timeout(Duration::from_secs(2), done.wait_for(|d| *d >= n)).await;
         if !matches!(waited, Ok(Ok(_))) {
             log::warn!(
-                "identity snapshot not reloaded within 2 s of a change; the reloader keeps trying"
+                "identity snapshot not updated within 2 s of a change; the reloader keeps trying"
             );
         }
     }
 
-    /// Runs forever: reload on wake-ups and periodically.
-    pub async fn run_reloader(self: Arc<Self>, db: Db, every: Duration) {
+    /// Runs forever: loads everything once the LISTEN connection is up (or
+    /// after 3 s without it), then applies the changes the notifications
+    /// name. A full reload happens again only after a lost LISTEN connection,
+    /// an unparseable notification, or every `full_every` (rare: the deltas
+    /// keep the snapshot current; it is a safety net).
+    pub async fn run_reloader(self: Arc<Self>, db: Db, every: Duration, full_every: Duration) {
+        let _ = self.db.set(db.clone());
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while !self.listened.load(Ordering::SeqCst) {
+                self.wake.notified().await;
+            }
+        })
+        .await;
+        {
+            let mut p = self.pending.lock();
+            if !self.is_loaded() {
+                p.full = Some("startup");
+            }
+        }
+        let mut last_full = Instant::now();
         loop {
-            let woken = tokio::select! {
-                _ = self.wake.notified() => true,
-                _ = tokio::time::sleep(every) => false,
+            let batch = std::mem::take(&mut *self.pending.lock());
+            if batch.is_empty() {
+                let woken = tokio::select! {
+                    _ = self.wake.notified() => true,
+                    _ = tokio::time::sleep(every) => false,
+                };
+                if !woken {
+                    if last_full.elapsed() >= full_every {
+                        self.request_full("periodic");
+                    } else if self.listening.load(Ordering::SeqCst) {
+                        // Notifications flow (the listener's heartbeat
+                        // answers): the snapshot is current.
+                        self.mark_in_sync();
+                    } else if let Some(at) = *self.in_sync_at.lock() {
+                        crate::metrics::SNAPSHOT_AGE_SECONDS.set(at.elapsed().as_secs() as i64);
+                    }
+                }
+                continue;
+            }
+            let result = match batch.full {
+                Some(trigger) => self.reload(&db, trigger).await.map(|_| {
+                    last_full = Instant::now();
+                    self.finish_marker(batch.marker);
+                }),
+                None if batch.changes() > DELTA_LIMIT => {
+                    self.reload(&db, "overflow").await.map(|_| {
+                        last_full = Instant::now();
+                        self.finish_marker(batch.marker);
+                    })
+                }
+                None => self.apply_delta(&db, &batch).await,
             };
-            if let Err(e) = self
-                .reload(&db, if woken { "notify" } else { "periodic" })
-                .await
-            {
-                log::warn!("identity snapshot reload failed: {e}");
+            if let Err(e) = result {
+                log::warn!("identity snapshot update failed: {e}");
+                self.pending.lock().merge(batch);
                 // Retry soon rather than waiting a whole period.
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                self.wake.notify_one();
-            }
-            if let Some(at) = self.current.load().loaded {
-                crate::metrics::SNAPSHOT_AGE_SECONDS.set(at.elapsed().as_secs() as i64);
             }
         }
     }
 
-    /// Runs forever: holds a LISTEN connection and wakes the reloader on every
-    /// notification; reconnects when the connection is lost.
+    /// Runs forever: holds a LISTEN connection and notes every notification;
+    /// reconnects when the connection is lost, then reloads everything (it
+    /// may have missed notifications).
     pub async fn run_listener(self: Arc<Self>, database_url: String) {
         loop {
             match listen_once(&self, &database_url).await {
                 Ok(()) => log::warn!("snapshot LISTEN connection closed; reconnecting"),
                 Err(e) => log::warn!("snapshot LISTEN failed: {e}; retrying"),
             }
-            // A reconnect may have missed notifications: reload.
-            self.wake.notify_one();
+            self.listening.store(false, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 impl Default for SnapshotStore {
     fn default() -> Self {
@@ -240,11 +687,15 @@ async fn listen_once(store: &SnapshotStore, url: &str) -> Result<(), tokio_postg
     let (client, mut conn) = pg.connect(tokio_postgres::NoTls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
     let listen = async {
-        client
-            .batch_execute("LISTEN flowise_proxy_snapshot")
-            .await?;
-        // Changes made while we were not listening: catch up.
-        store.wake.notify_one();
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        store.listening.store(true, Ordering::SeqCst);
+        // Changes made while we were not listening: read everything (the
+        // first time, this is the start-up load).
+        if store.listened.swap(true, Ordering::SeqCst) {
+            store.request_full("reconnect");
+        } else {
+            store.wake.notify_one();
+        }
         // Detect a dead server with a cheap query now and then.
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -255,8 +706,10 @@ async fn listen_once(store: &SnapshotStore, url: &str) -> Result<(), tokio_postg
     };
     let pump = async {
         while let Some(msg) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(_) = msg? {
-                store.wake.notify_one();
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg? {
+                if n.channel() == CHANNEL {
+                    store.note(n.payload());
+                }
             }
         }
         Ok(())
@@ -264,5 +717,37 @@ async fn listen_once(store: &SnapshotStore, url: &str) -> Result<(), tokio_postg
     tokio::select! {
         r = listen => r,
         r = pump => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_name_rows_and_anything_else_asks_for_a_full_reload() {
+        let s = SnapshotStore::new();
+        s.note("u:42");
+        s.note("g:7");
+        s.note("k:0123456789ab");
+        s.note("r:67e55044-10b1-426f-9247-bb680e5fe0c8");
+        s.note("c:some-flow");
+        s.note(&format!("m:{}:3", s.instance));
+        s.note("m:someone-else:9");
+        {
+            let p = s.pending.lock();
+            assert!(p.users.contains(&42) && p.grants_of.contains(&7));
+            assert!(p.api_keys.contains("0123456789ab") && p.revoked.len() == 1);
+            assert!(p.chatflows && p.marker == 3 && p.full.is_none());
+        }
+        s.note("users");
+        assert_eq!(s.pending.lock().full, Some("unparsed"));
+    }
+
+    #[test]
+    fn rows_are_small() {
+        assert_eq!(std::mem::size_of::<(i64, UserEntry)>(), 24);
+        assert_eq!(std::mem::size_of::<([u8; 12], KeyRow)>(), 52);
+        assert_eq!(std::mem::size_of::<((i64, u32), ())>(), 16);
     }
 }

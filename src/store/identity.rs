@@ -349,16 +349,22 @@ pub async fn audit_page(db: &Db, limit: i64, offset: i64) -> StoreResult<Vec<Val
         .collect())
 }
 
-/// Everything the in-memory identity snapshot holds, read in one transaction.
-pub struct SnapshotRows {
-    pub users: Vec<(i64, String, String, bool, DateTime<Utc>)>,
-    pub api_keys: Vec<(i64, i64, String, Vec<u8>)>,
-    pub revoked: Vec<Uuid>,
-    pub grants: Vec<(i64, String)>,
-    pub chatflows: Vec<super::catalog::ChatflowRow>,
+/// Receives the rows of a full identity load as they stream in (nothing is
+/// collected in between: a million users never sit in a `Vec` of tuples).
+pub trait IdentitySink {
+    /// Row-count estimates (from the planner statistics) before the rows come.
+    fn expect(&mut self, users: usize, keys: usize, grants: usize);
+    fn user(&mut self, id: i64, role: &str, active: bool, tokens_valid_after: DateTime<Utc>);
+    fn api_key(&mut self, prefix: &str, user_id: i64, secret_hash: &[u8]);
+    fn revoked(&mut self, jti: Uuid, expires_at: DateTime<Utc>);
+    fn grant(&mut self, user_id: i64, chatflow_id: &str);
+    fn chatflows(&mut self, rows: Vec<super::catalog::ChatflowRow>);
 }
 
-pub async fn load_snapshot(db: &Db) -> StoreResult<SnapshotRows> {
+/// Streams everything the in-memory identity snapshot holds into `sink`, read
+/// in one repeatable-read transaction; returns the number of rows read.
+pub async fn load_identity(db: &Db, sink: &mut impl IdentitySink) -> StoreResult<u64> {
+    use futures::TryStreamExt;
     let mut c = db.get().await?;
     let tx = c
         .build_transaction()
@@ -366,48 +372,167 @@ pub async fn load_snapshot(db: &Db) -> StoreResult<SnapshotRows> {
         .read_only(true)
         .start()
         .await?;
-    let users = tx
-        .query(
-            "SELECT id, username, role, active, tokens_valid_after FROM users",
+    let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+    let est = tx
+        .query_one(
+            "SELECT (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'users'::regclass),
+                    (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'api_keys'::regclass),
+                    (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'grants'::regclass)",
             &[],
         )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-        .collect();
-    let api_keys = tx
-        .query(
-            "SELECT id, user_id, prefix, secret_hash FROM api_keys WHERE revoked_at IS NULL",
-            &[],
+        .await?;
+    let n = |i: usize| est.get::<_, Option<i64>>(i).unwrap_or(0).max(0) as usize;
+    sink.expect(n(0), n(1), n(2));
+    let mut read = 0u64;
+    let rows = tx
+        .query_raw(
+            "SELECT id, role, active, tokens_valid_after FROM users",
+            none,
         )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect();
-    let revoked = tx
-        .query(
-            "SELECT jti FROM revoked_tokens WHERE expires_at > now()",
-            &[],
+        .await?;
+    futures::pin_mut!(rows);
+    while let Some(r) = rows.try_next().await? {
+        sink.user(r.get(0), r.get(1), r.get(2), r.get(3));
+        read += 1;
+    }
+    let rows = tx
+        .query_raw(
+            "SELECT prefix, user_id, secret_hash FROM api_keys WHERE revoked_at IS NULL",
+            none,
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let grants = tx
-        .query("SELECT user_id, chatflow_id FROM grants", &[])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .await?;
+    futures::pin_mut!(rows);
+    while let Some(r) = rows.try_next().await? {
+        sink.api_key(r.get(0), r.get(1), r.get(2));
+        read += 1;
+    }
+    let rows = tx
+        .query_raw(
+            "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now()",
+            none,
+        )
+        .await?;
+    futures::pin_mut!(rows);
+    while let Some(r) = rows.try_next().await? {
+        sink.revoked(r.get(0), r.get(1));
+        read += 1;
+    }
+    let rows = tx
+        .query_raw("SELECT user_id, chatflow_id FROM grants", none)
+        .await?;
+    futures::pin_mut!(rows);
+    while let Some(r) = rows.try_next().await? {
+        sink.grant(r.get(0), r.get(1));
+        read += 1;
+    }
     let chatflows = super::catalog::all_in(&tx).await?;
+    read += chatflows.len() as u64;
+    sink.chatflows(chatflows);
     tx.commit().await?;
-    Ok(SnapshotRows {
-        users,
-        api_keys,
-        revoked,
-        grants,
-        chatflows,
-    })
+    Ok(read)
+}
+
+/// What changed, as the notifications named it: only these rows are read
+/// again (see `auth::snapshot`).
+#[derive(Debug, Default)]
+pub struct ChangedKeys {
+    pub users: Vec<i64>,
+    pub grants_of: Vec<i64>,
+    pub api_keys: Vec<String>,
+    pub revoked: Vec<Uuid>,
+    pub chatflows: bool,
+}
+
+/// The current rows of [`ChangedKeys`]; a key with no row here is gone
+/// (deleted, revoked, or expired).
+#[derive(Debug, Default)]
+pub struct ChangedRows {
+    pub users: Vec<(i64, String, bool, DateTime<Utc>)>,
+    pub grants: Vec<(i64, String)>,
+    pub api_keys: Vec<(String, i64, Vec<u8>)>,
+    pub revoked: Vec<(Uuid, DateTime<Utc>)>,
+    pub chatflows: Option<Vec<super::catalog::ChatflowRow>>,
+}
+
+impl ChangedRows {
+    pub fn count(&self) -> u64 {
+        (self.users.len()
+            + self.grants.len()
+            + self.api_keys.len()
+            + self.revoked.len()
+            + self.chatflows.as_ref().map_or(0, Vec::len)) as u64
+    }
+}
+
+/// Reads the rows of `keys` (one indexed query per kind that changed).
+pub async fn read_changes(db: &Db, keys: &ChangedKeys) -> StoreResult<ChangedRows> {
+    let c = db.get().await?;
+    let mut out = ChangedRows::default();
+    if !keys.users.is_empty() {
+        let stmt = c
+            .prepare_cached(
+                "SELECT id, role, active, tokens_valid_after FROM users WHERE id = ANY($1)",
+            )
+            .await?;
+        out.users = c
+            .query(&stmt, &[&keys.users])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+    }
+    if !keys.grants_of.is_empty() {
+        let stmt = c
+            .prepare_cached("SELECT user_id, chatflow_id FROM grants WHERE user_id = ANY($1)")
+            .await?;
+        out.grants = c
+            .query(&stmt, &[&keys.grants_of])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    }
+    if !keys.api_keys.is_empty() {
+        let stmt = c
+            .prepare_cached(
+                "SELECT prefix, user_id, secret_hash FROM api_keys
+                 WHERE prefix = ANY($1) AND revoked_at IS NULL",
+            )
+            .await?;
+        out.api_keys = c
+            .query(&stmt, &[&keys.api_keys])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+    }
+    if !keys.revoked.is_empty() {
+        let stmt = c
+            .prepare_cached(
+                "SELECT jti, expires_at FROM revoked_tokens WHERE jti = ANY($1) AND expires_at > now()",
+            )
+            .await?;
+        out.revoked = c
+            .query(&stmt, &[&keys.revoked])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    }
+    if keys.chatflows {
+        out.chatflows = Some(super::catalog::all_in(&c).await?);
+    }
+    Ok(out)
+}
+
+/// Asks every instance (this one included) to mark the point in the
+/// notification stream reached after this instance's change: `payload` comes
+/// back on the LISTEN connection after every notification of an earlier commit.
+pub async fn notify_marker(db: &Db, channel: &str, payload: &str) -> StoreResult<()> {
+    let c = db.get().await?;
+    let stmt = c.prepare_cached("SELECT pg_notify($1, $2)").await?;
+    c.execute(&stmt, &[&channel, &payload]).await?;
+    Ok(())
 }
 
 /// Forgets revocations of tokens that have expired anyway.
