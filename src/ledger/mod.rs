@@ -412,7 +412,11 @@ impl Ledger {
         let mut placed = self
             .write_admission(user_id, chatflow_id, request_id, id, price.hold, None)
             .await;
-        if matches!(placed, Ok(None)) && self.policy.predictions > 0 && self.recall(user_id).await {
+        // Short: recall leases, then try once more in any case (a lease of
+        // this instance may have been closed, its credits back in the
+        // balance, between the first try and the recall).
+        if matches!(placed, Ok(None)) && self.policy.predictions > 0 {
+            self.recall(user_id).await;
             placed = self
                 .write_admission(user_id, chatflow_id, request_id, id, price.hold, None)
                 .await;
@@ -479,14 +483,12 @@ impl Ledger {
 
     /// The user's balance was too short here: take this instance's leases
     /// back, and ask the other instances to give theirs back (waiting
-    /// `RECALL_WAIT` at most). `true` when anything may have come back, so
-    /// that the admission is worth trying once more.
-    async fn recall(&self, user_id: i64) -> bool {
+    /// `RECALL_WAIT` at most).
+    async fn recall(&self, user_id: i64) {
         let own = self
             .leases
             .recall(user_id, Instant::now() + lease::EXACT_AFTER_RECALL);
         let own_ids: Vec<Uuid> = own.iter().map(|g| g.lease).collect();
-        let mut worth_retrying = own.iter().any(|g| g.release > 0);
         self.give_back(own).await;
         let alive = self.policy.hold_ttl.as_secs_f64();
         let deadline = Instant::now() + RECALL_WAIT;
@@ -509,11 +511,9 @@ impl Ledger {
                     break;
                 }
                 asked = Some(Instant::now());
-                worth_retrying = true;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        worth_retrying
     }
 
     async fn ask_for_leases(&self, user_id: i64) -> Result<(), StoreError> {
