@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
@@ -652,7 +651,24 @@ impl SnapshotStore {
     /// may have missed notifications).
     pub async fn run_listener(self: Arc<Self>, database_url: String) {
         loop {
-            match listen_once(&self, &database_url).await {
+            let store = &*self;
+            let listened = crate::store::listen(
+                &database_url,
+                CHANNEL,
+                || {
+                    store.listening.store(true, Ordering::SeqCst);
+                    // Changes made while we were not listening: read
+                    // everything (the first time, this is the start-up load).
+                    if store.listened.swap(true, Ordering::SeqCst) {
+                        store.request_full("reconnect");
+                    } else {
+                        store.wake.notify_one();
+                    }
+                },
+                |payload| store.note(payload),
+            )
+            .await;
+            match listened {
                 Ok(()) => log::warn!("snapshot LISTEN connection closed; reconnecting"),
                 Err(e) => log::warn!("snapshot LISTEN failed: {e}; retrying"),
             }
@@ -676,47 +692,6 @@ fn trim_heap() {}
 impl Default for SnapshotStore {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-async fn listen_once(store: &SnapshotStore, url: &str) -> Result<(), tokio_postgres::Error> {
-    let mut pg: tokio_postgres::Config = url.parse()?;
-    pg.connect_timeout(Duration::from_secs(3));
-    pg.application_name("flowise-proxy-listen");
-    pg.keepalives_idle(Duration::from_secs(10));
-    let (client, mut conn) = pg.connect(tokio_postgres::NoTls).await?;
-    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-    let listen = async {
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
-        store.listening.store(true, Ordering::SeqCst);
-        // Changes made while we were not listening: read everything (the
-        // first time, this is the start-up load).
-        if store.listened.swap(true, Ordering::SeqCst) {
-            store.request_full("reconnect");
-        } else {
-            store.wake.notify_one();
-        }
-        // Detect a dead server with a cheap query now and then.
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            client.simple_query("SELECT 1").await?;
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), tokio_postgres::Error>(())
-    };
-    let pump = async {
-        while let Some(msg) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = msg? {
-                if n.channel() == CHANNEL {
-                    store.note(n.payload());
-                }
-            }
-        }
-        Ok(())
-    };
-    tokio::select! {
-        r = listen => r,
-        r = pump => r,
     }
 }
 
