@@ -323,6 +323,18 @@ mod tests {
         }
     }
 
+    /// User 1 with a lease of 4 credits, one prediction of 1 running on it.
+    fn running_on_a_lease_of_four() -> (LeaseBook, Uuid, Instant) {
+        let book = LeaseBook::default();
+        let now = Instant::now();
+        let Decision::Take { .. } = book.admit(1, 1, now) else {
+            panic!("the first request takes a lease")
+        };
+        let id = Uuid::now_v7();
+        book.taken(1, id, 4, 1, 0, now);
+        (book, id, now)
+    }
+
     #[test]
     fn a_lease_is_shared_then_closed_with_what_is_left() {
         let book = LeaseBook::default();
@@ -362,13 +374,7 @@ mod tests {
 
     #[test]
     fn a_lease_recalled_while_running_closes_when_its_last_prediction_ends() {
-        let book = LeaseBook::default();
-        let now = Instant::now();
-        let Decision::Take { done: _done, .. } = book.admit(1, 1, now) else {
-            panic!()
-        };
-        let id = Uuid::now_v7();
-        book.taken(1, id, 4, 1, 0, now);
+        let (book, id, now) = running_on_a_lease_of_four();
         let back = book.recall(1, now + EXACT_AFTER_RECALL);
         assert_eq!(back[0].release, 3);
         assert!(!back[0].close, "a prediction still runs");
@@ -398,13 +404,7 @@ mod tests {
 
     #[test]
     fn idle_leases_close() {
-        let book = LeaseBook::default();
-        let now = Instant::now();
-        let Decision::Take { done: _d, .. } = book.admit(1, 1, now) else {
-            panic!()
-        };
-        let id = Uuid::now_v7();
-        book.taken(1, id, 4, 1, 0, now);
+        let (book, id, now) = running_on_a_lease_of_four();
         assert!(book.idle(now).is_empty(), "not idle yet");
         let later = now + Duration::from_secs(1);
         assert!(book.idle(later).is_empty(), "one still running");
