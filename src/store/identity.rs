@@ -362,9 +362,13 @@ pub trait IdentitySink {
 /// Streams everything the in-memory identity snapshot holds into `sink`, read
 /// in one repeatable-read transaction; returns the number of rows read.
 ///
-/// Each table comes in the order of the snapshot's keys (bytewise for the
-/// key prefixes: `COLLATE "C"`; a grant by its user), so that the snapshot
-/// can be replaced shard by shard as the rows come. The tables come in this
+/// Each table comes in the order of the snapshot's keys (a grant by its
+/// user), so that the snapshot can be replaced shard by shard as the rows
+/// come. Key prefixes come in the database's collation, which orders the
+/// lowercase hex prefixes this proxy makes bytewise, like the snapshot
+/// (`COLLATE "C"` would have PostgreSQL sort a million rows, 0.6 s, instead
+/// of reading the prefix index, 0.15 s); a prefix it orders otherwise is
+/// still loaded, at the end (`auth::table::Rebuild`). The tables come in this
 /// order: revoked ids, API keys, grants, then users (the one table whose
 /// changes can let more in: see `auth::snapshot::SnapshotStore::reload`).
 pub async fn load_identity(db: &Db, sink: &mut impl IdentitySink) -> StoreResult<u64> {
@@ -392,7 +396,7 @@ pub async fn load_identity(db: &Db, sink: &mut impl IdentitySink) -> StoreResult
     let rows = tx
         .query_raw(
             "SELECT prefix, user_id, secret_hash FROM api_keys WHERE revoked_at IS NULL
-             ORDER BY prefix COLLATE \"C\"",
+             ORDER BY prefix",
             none,
         )
         .await?;
