@@ -474,11 +474,13 @@ impl SnapshotStore {
     ///   the new one holds: a row already at its new value with another still
     ///   at its old one. Revoked ids, API keys and grants only ever change a
     ///   row the snapshot has to something stricter (an id revoked, a key or
-    ///   a grant gone): taken early, they only take away. Only a user row can
-    ///   change to something laxer (re-activated, made admin); users are
-    ///   read last (see `store::identity::load_identity`), so such a row is
-    ///   only ever combined with keys, grants and revocations already at
-    ///   their new values.
+    ///   a grant gone; this proxy never changes a key's hash or owner in
+    ///   place, and a revoked id goes only once its token has expired):
+    ///   taken early, they only take away. Only a user row can change to
+    ///   something laxer (re-activated, made admin); users are read last
+    ///   (see `store::identity::load_identity`), so such a row is only ever
+    ///   combined with keys, grants and revocations already at their new
+    ///   values.
     /// - The cost: a change committed while the load runs is, from the
     ///   install that covers its key until the deltas after the load, at the
     ///   load's value, as it was before from the end of the load until the
