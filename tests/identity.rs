@@ -602,3 +602,146 @@ async fn granting_a_chatflow_not_yet_synced_says_what_to_do() {
         "{v}"
     );
 }
+
+/// A full reload that runs while changes are committed keeps every one of
+/// them. The reload (after a lost LISTEN connection) is held half-way, its
+/// read snapshot taken and its API keys read, by a lock on `users`; the
+/// transaction holding the lock revokes a key, removes a grant, adds one and
+/// deactivates a user, then commits. The reload then installs rows read
+/// before those changes: the changes' notifications, come in the meantime,
+/// must still be applied after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_reload_in_the_middle_of_changes_keeps_every_change() {
+    use futures::FutureExt;
+    const RELOADS: &str = "flowise_proxy_identity_snapshot_reloads_total";
+    let w = World::start().await;
+    let root = w.add_user("root", "admin", 0);
+    let admin = w.login("root").await;
+    let (erin, erin_token) = w.user_with("erin", 5, FLOW).await;
+    let (frank, frank_token) = w.user_with("frank", 5, FLOW).await;
+    let (gina, gina_token) = w.user_with("gina", 5, FLOW).await;
+    let new_key = |uid: i64| {
+        let w = &w;
+        let admin = admin.clone();
+        async move {
+            let key: Value = w
+                .post_json(&format!("/admin/users/{uid}/api-keys"), &admin, &json!({}))
+                .await;
+            (
+                key["id"].as_i64().expect("key id"),
+                key["api_key"].as_str().expect("api key").to_string(),
+            )
+        }
+    };
+    let (_, kept_key) = new_key(erin).await;
+    let (revoked_key_id, revoked_key) = new_key(erin).await;
+    let db = w.db.client().await;
+    // 100,000 more keys (no notifications: triggers off), so that the
+    // reload's API keys come in several parts.
+    db.batch_execute(&format!(
+        "SET session_replication_role = replica;
+         INSERT INTO api_keys (user_id, prefix, secret_hash)
+             SELECT {root}, 'pad' || lpad(to_hex(i), 9, '0'), sha256(int4send(i))
+             FROM generate_series(1, 100000) i;
+         RESET session_replication_role;"
+    ))
+    .await
+    .expect("padding keys");
+    let status = |token: String, path: String| {
+        let http = w.http.clone();
+        let url = w.url(&path);
+        async move {
+            http.get(url)
+                .bearer_auth(token)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let flow = format!("/chatflows/{FLOW}");
+    let flow2 = format!("/chatflows/{FLOW2}");
+    let credits = "/chat/credits".to_string();
+    assert_eq!(status(kept_key.clone(), flow.clone()).await, 200);
+    assert_eq!(status(revoked_key.clone(), credits.clone()).await, 200);
+    assert_eq!(status(frank_token.clone(), flow2.clone()).await, 403);
+    assert_eq!(status(gina_token.clone(), credits.clone()).await, 200);
+    let m = &w.proxy.metrics_url;
+    let reloads_before = metric_sum(&w, m, RELOADS, Some("trigger=\"reconnect\"")).await;
+
+    let locker = w.db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock users");
+    let cut = db
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'flowise-proxy-listen' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("terminate the LISTEN connection");
+    // The snapshot's and the ledger's (both reconnect).
+    assert!(!cut.is_empty(), "no LISTEN connection");
+    let reload_waits = support::wait_until(Duration::from_secs(20), || {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE 'SELECT id, role, active, tokens_valid_after FROM users%'",
+            &[],
+        )
+        .map(|r| r.map(|r| r.get::<_, i64>(0) == 1).unwrap_or(false))
+    })
+    .await;
+    assert!(
+        reload_waits,
+        "the full reload never reached users\n{}",
+        w.proxy.output_dump()
+    );
+    // Half-way through: the snapshot still lets a valid key in.
+    assert_eq!(status(kept_key.clone(), flow.clone()).await, 200);
+    locker
+        .batch_execute(&format!(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = {revoked_key_id};
+             DELETE FROM grants WHERE user_id = {erin} AND chatflow_id = '{FLOW}';
+             INSERT INTO grants (user_id, chatflow_id) VALUES ({frank}, '{FLOW2}');
+             UPDATE users SET active = false WHERE id = {gina};
+             COMMIT"
+        ))
+        .await
+        .expect("changes during the reload");
+
+    let reloaded = support::wait_until(Duration::from_secs(20), || {
+        metric_sum(&w, m, RELOADS, Some("trigger=\"reconnect\"")).map(|n| n > reloads_before)
+    })
+    .await;
+    assert!(reloaded, "no full reload\n{}", w.proxy.output_dump());
+    let within = |want: u16, token: String, path: String| {
+        let status = &status;
+        async move {
+            support::wait_until(Duration::from_secs(5), || {
+                status(token.clone(), path.clone()).map(move |s| s == want)
+            })
+            .await
+        }
+    };
+    assert!(
+        within(401, revoked_key, credits.clone()).await,
+        "a key revoked during the reload still works after it"
+    );
+    assert!(
+        within(403, kept_key, flow).await,
+        "a grant removed during the reload still in force after it"
+    );
+    assert!(
+        within(200, frank_token, flow2).await,
+        "a grant added during the reload not in force after it"
+    );
+    assert!(
+        within(401, gina_token, credits).await,
+        "a user deactivated during the reload still in after it"
+    );
+    assert_eq!(status(erin_token, "/chat/credits".into()).await, 200);
+}

@@ -5,7 +5,9 @@
 //! Size: compact sharded tables (`table`): 24 bytes a user, 52 an API key,
 //! 16 a grant (chatflow ids are interned), no per-user heap allocation; a
 //! million users with a key and a grant each take about 92 MB. A full load
-//! streams the rows straight into them.
+//! streams the rows, in key order, straight into them, and replaces the
+//! installed tables shard by shard (see [`SnapshotStore::reload`]): a full
+//! reload adds about a megabyte, not a second copy of the snapshot.
 //!
 //! Freshness: every instance LISTENs on [`CHANNEL`]; row triggers (V7) notify
 //! what changed (`u:<user id>`, `g:<user id>` for their grants, `k:<key
@@ -25,7 +27,7 @@ use parking_lot::Mutex;
 use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
-use super::table::{Buckets, Table};
+use super::table::{Rebuild, Table};
 use crate::store::{self, catalog::ChatflowRow, Db};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -190,24 +192,32 @@ fn user_entry(role: &str, active: bool, after: DateTime<Utc>) -> UserEntry {
     }
 }
 
-/// Builds a snapshot from a full load as its rows stream in.
-struct Loader {
-    users: Buckets<i64, UserEntry>,
-    api_keys: Buckets<[u8; 12], KeyRow>,
-    revoked: Buckets<Uuid, i64>,
-    grants: Buckets<(i64, u32), ()>,
-    chatflow_ids: Interner,
+/// Bytes of new shards a full load builds before installing them (each
+/// install lets go of the old shards they replace): about what a full reload
+/// adds to the snapshot's memory, whatever the number of users.
+const INSTALL_EVERY_BYTES: usize = 1 << 20;
+
+/// Replaces the snapshot with a full load as its rows stream in (in key
+/// order), installing each table shard by shard (see `SnapshotStore::reload`
+/// for why that is safe).
+struct Loader<'a> {
+    store: &'a SnapshotStore,
+    /// The snapshot as this load last installed it.
+    view: Snapshot,
+    users: Rebuild<i64, UserEntry>,
+    api_keys: Rebuild<[u8; 12], KeyRow>,
+    revoked: Rebuild<Uuid, i64>,
+    grants: Rebuild<(i64, u32), ()>,
     chatflows: Vec<ChatflowRow>,
 }
 
-impl store::identity::IdentitySink for Loader {
-    fn expect(&mut self, users: usize, keys: usize, grants: usize) {
-        self.users = Buckets::new(users);
-        self.api_keys = Buckets::new(keys);
-        self.grants = Buckets::new(grants);
-    }
+impl store::identity::IdentitySink for Loader<'_> {
     fn user(&mut self, id: i64, role: &str, active: bool, after: DateTime<Utc>) {
         self.users.push(id, user_entry(role, active, after));
+        if self.users.bytes_since_view() >= INSTALL_EVERY_BYTES {
+            self.view.users = self.users.view();
+            self.install_view();
+        }
     }
     fn api_key(&mut self, prefix: &str, user_id: i64, hash: &[u8]) {
         if let (Some(p), Ok(hash)) = (prefix_key(prefix), hash.try_into()) {
@@ -219,42 +229,67 @@ impl store::identity::IdentitySink for Loader {
                 },
             );
         }
+        if self.api_keys.bytes_since_view() >= INSTALL_EVERY_BYTES {
+            self.view.api_keys = self.api_keys.view();
+            self.install_view();
+        }
     }
     fn revoked(&mut self, jti: Uuid, expires_at: DateTime<Utc>) {
         self.revoked.push(jti, expires_at.timestamp());
+        if self.revoked.bytes_since_view() >= INSTALL_EVERY_BYTES {
+            self.view.revoked = self.revoked.view();
+            self.install_view();
+        }
     }
     fn grant(&mut self, user_id: i64, chatflow_id: &str) {
-        let c = self.chatflow_ids.intern(chatflow_id);
+        // Interned into the installed interner (ids only ever added), so
+        // that the old shards' ids and the new ones' mean the same.
+        let c = match self.view.chatflow_ids.get(chatflow_id) {
+            Some(c) => c,
+            None => Arc::make_mut(&mut self.view.chatflow_ids).intern(chatflow_id),
+        };
         self.grants.push((user_id, c), ());
+        if self.grants.bytes_since_view() >= INSTALL_EVERY_BYTES {
+            self.view.grants = self.grants.view();
+            self.install_view();
+        }
     }
     fn chatflows(&mut self, rows: Vec<ChatflowRow>) {
         self.chatflows = rows;
     }
 }
 
-impl Loader {
-    fn new() -> Self {
+impl<'a> Loader<'a> {
+    fn new(store: &'a SnapshotStore) -> Self {
+        let view = Snapshot::clone(&store.current.load());
         Loader {
-            users: Buckets::new(0),
-            api_keys: Buckets::new(0),
-            revoked: Buckets::new(0),
-            grants: Buckets::new(0),
-            chatflow_ids: Interner::default(),
+            store,
+            users: Rebuild::new(view.users.clone()),
+            api_keys: Rebuild::new(view.api_keys.clone()),
+            revoked: Rebuild::new(view.revoked.clone()),
+            grants: Rebuild::new(view.grants.clone()),
+            view,
             chatflows: Vec::new(),
         }
     }
 
+    fn install_view(&self) {
+        self.store.install_view(self.view.clone());
+    }
+
     fn finish(self) -> Snapshot {
-        let mut chatflow_ids = self.chatflow_ids;
+        let mut chatflow_ids = self.view.chatflow_ids;
         for c in &self.chatflows {
-            chatflow_ids.intern(&c.id);
+            if chatflow_ids.get(&c.id).is_none() {
+                Arc::make_mut(&mut chatflow_ids).intern(&c.id);
+            }
         }
         Snapshot {
-            users: Table::from_buckets(self.users),
-            api_keys: Table::from_buckets(self.api_keys),
-            revoked: Table::from_buckets(self.revoked),
-            grants: Table::from_buckets(self.grants),
-            chatflow_ids: Arc::new(chatflow_ids),
+            users: self.users.finish(),
+            api_keys: self.api_keys.finish(),
+            revoked: self.revoked.finish(),
+            grants: self.grants.finish(),
+            chatflow_ids,
             chatflows: Arc::new(
                 self.chatflows
                     .into_iter()
@@ -369,6 +404,13 @@ impl SnapshotStore {
     }
 
     fn install(&self, s: Snapshot) {
+        self.install_view(s);
+        self.mark_in_sync();
+    }
+
+    /// Installs `s` (a whole snapshot, or part of a full reload: see
+    /// `reload`).
+    fn install_view(&self, s: Snapshot) {
         let (users, keys, grants, revoked) = s.counts();
         for (kind, n) in [
             ("users", users),
@@ -383,7 +425,6 @@ impl SnapshotStore {
         }
         self.current.store(Arc::new(s));
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.mark_in_sync();
     }
 
     fn mark_in_sync(&self) {
@@ -402,13 +443,53 @@ impl SnapshotStore {
         });
     }
 
-    /// Reloads everything now (streamed: rows go straight into the compact
-    /// tables). Covers every `refresh_now` that began before it.
+    /// Reloads everything now, streamed in key order into the compact
+    /// tables, which are installed shard by shard as the rows come (a full
+    /// reload adds about `INSTALL_EVERY_BYTES` to the memory, not a second
+    /// copy of the snapshot). Covers every `refresh_now` that began before
+    /// it.
+    ///
+    /// Why readers may see the partial installs:
+    ///
+    /// - No change is lost. This holds the writer lock: no delta is applied
+    ///   while it runs, and the notifications that arrive meanwhile wait in
+    ///   `pending`, to be applied after it; a delta re-reads its rows then, so
+    ///   it overwrites this load's older reading of them, never the other way
+    ///   round. A change committed before the load's read snapshot (one
+    ///   repeatable-read transaction) is in the rows read; one committed after
+    ///   it notifies after its commit, so after the reloader took the batch
+    ///   that asked for this reload: it is in `pending`. A lost LISTEN
+    ///   connection asks for another full reload; a load that fails half-way
+    ///   puts its batch (and so the full reload) back, and the next attempt
+    ///   starts again from whatever it had installed.
+    /// - Each row goes once from the value readers had before (the previous
+    ///   snapshot) to its value in the load's read snapshot, at the install
+    ///   that covers its key: never later than the single install at the end
+    ///   used to, never back. Rows of one user's grants move together (one
+    ///   shard). A miss is looked up in the database (`auth::lookup`), so a
+    ///   row not read yet never refuses a valid user; and a row a table gains
+    ///   (a key, a grant, a user) is what that look-up would have answered
+    ///   anyway.
+    /// - What a half-installed snapshot can combine that neither the old nor
+    ///   the new one holds: a row already at its new value with another still
+    ///   at its old one. Revoked ids, API keys and grants only ever change a
+    ///   row the snapshot has to something stricter (an id revoked, a key or
+    ///   a grant gone; this proxy never changes a key's hash or owner in
+    ///   place, and a revoked id goes only once its token has expired):
+    ///   taken early, they only take away. Only a user row can change to
+    ///   something laxer (re-activated, made admin); users are read last
+    ///   (see `store::identity::load_identity`), so such a row is only ever
+    ///   combined with keys, grants and revocations already at their new
+    ///   values.
+    /// - The cost: a change committed while the load runs is, from the
+    ///   install that covers its key until the deltas after the load, at the
+    ///   load's value, as it was before from the end of the load until the
+    ///   deltas: the same lag, begun earlier (at most the load's duration).
     pub async fn reload(&self, db: &Db, trigger: &str) -> Result<(), store::StoreError> {
         let _writer = self.writer.lock().await;
         let covers = self.next_marker.load(Ordering::SeqCst);
         let started = Instant::now();
-        let mut loader = Loader::new();
+        let mut loader = Loader::new(self);
         let rows = store::identity::load_identity(db, &mut loader).await?;
         let s = loader.finish();
         let (users, keys, grants, revoked) = s.counts();
