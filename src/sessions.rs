@@ -25,6 +25,8 @@ use crate::store::{self, Db, StoreError};
 pub struct SessionBindings {
     queued: AtomicU64,
     written: watch::Sender<u64>,
+    /// A reader is waiting: the settlement batch stops gathering.
+    wanted: tokio::sync::Notify,
 }
 
 /// A conversation id a client may send: bounded and printable.
@@ -41,6 +43,7 @@ impl SessionBindings {
         SessionBindings {
             queued: AtomicU64::new(0),
             written: watch::channel(0).0,
+            wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -60,10 +63,19 @@ impl SessionBindings {
         });
     }
 
+    /// Completes when a reader waits for bindings (the settlement batch
+    /// writes at once instead of gathering more rows).
+    pub async fn wanted(&self) {
+        self.wanted.notified().await
+    }
+
     /// Waits (2 s at most) until every binding queued so far is written.
     async fn settled(&self) {
         let target = self.queued.load(Ordering::SeqCst);
         let mut written = self.written.subscribe();
+        if *written.borrow() < target {
+            self.wanted.notify_one();
+        }
         let _ =
             tokio::time::timeout(Duration::from_secs(2), written.wait_for(|w| *w >= target)).await;
     }

@@ -260,6 +260,12 @@ const RECALL_WAIT: Duration = Duration::from_secs(1);
 /// Past this many queued settlement rows, lease admissions wait for the
 /// settler: the bound on what a kill -9 can lose.
 const LEASE_QUEUE_LIMIT: usize = 4096;
+/// A settlement batch waits until its oldest row is this old (or the queue
+/// holds `GATHER_ROWS`, or someone needs it written now): one commit, one
+/// bindings statement and one statement per lease for many predictions,
+/// instead of a batch per prediction or two at low rates.
+const GATHER: Duration = Duration::from_millis(100);
+const GATHER_ROWS: usize = 2048;
 /// How long a lease admission waits for room in a full settlement queue
 /// before it takes the exact path.
 const QUEUE_FULL_WAIT: Duration = Duration::from_secs(2);
@@ -292,6 +298,9 @@ pub struct Ledger {
     /// Told after each settlement batch is written (admissions waiting for
     /// room in a full queue).
     written: Notify,
+    /// Ends a batch's gathering wait: the queue reached `GATHER_ROWS`, or
+    /// shutdown drains it.
+    write_now: Notify,
     depth: AtomicUsize,
     /// Leases are used only while other instances can recall them (this
     /// instance listens) and the database takes our writes: otherwise every
@@ -318,6 +327,7 @@ impl Ledger {
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             written: Notify::new(),
+            write_now: Notify::new(),
             depth: AtomicUsize::new(0),
             listening: AtomicBool::new(false),
             writes_failing: AtomicBool::new(false),
@@ -781,6 +791,9 @@ impl Ledger {
         let depth = self.depth.fetch_add(1, Ordering::SeqCst) + 1;
         crate::metrics::SETTLEMENT_QUEUE.set(depth as i64);
         self.wake.notify_one();
+        if depth == GATHER_ROWS {
+            self.write_now.notify_one();
+        }
     }
 
     pub fn pending(&self) -> usize {
@@ -820,6 +833,7 @@ impl Ledger {
             if self.pending() == 0 {
                 self.wake.notified().await;
             }
+            self.gather().await;
             let batch: Vec<Job> = {
                 let mut q = self.queue.lock();
                 let n = q.len().min(SETTLE_BATCH);
@@ -854,6 +868,25 @@ impl Ledger {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// Waits until the oldest queued row is `GATHER` old, unless the queue
+    /// is big enough already or someone needs the rows written now (a
+    /// reader of conversations, shutdown). Adds at most `GATHER` to what a
+    /// kill -9 can lose, which stays bounded by `LEASE_QUEUE_LIMIT`.
+    async fn gather(&self) {
+        let Some(oldest) = self.queue.lock().front().map(|j| j.queued_at) else {
+            return;
+        };
+        if self.pending() >= GATHER_ROWS {
+            return;
+        }
+        let due = tokio::time::Instant::from_std(oldest + GATHER);
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = self.write_now.notified() => {}
+            _ = self.sessions.wanted() => {}
         }
     }
 
@@ -1076,6 +1109,7 @@ impl Ledger {
                 return false;
             }
             self.wake.notify_one();
+            self.write_now.notify_one();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         true
