@@ -35,21 +35,32 @@ pub struct StreamObserver {
 }
 
 impl StreamObserver {
-    pub fn feed(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            if b == b'\n' {
-                if !self.overflow {
-                    let line = std::mem::take(&mut self.line);
-                    self.on_line(&line);
-                } else {
-                    self.line.clear();
-                }
-                self.overflow = false;
-            } else if self.line.len() < MAX_LINE {
-                self.line.push(b);
+    /// Lines wholly inside `chunk` are observed where they lie; only a line
+    /// split across chunks is copied (it used to copy every byte, one push
+    /// at a time).
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while let Some(end) = memchr::memchr(b'\n', chunk) {
+            let head = &chunk[..end];
+            chunk = &chunk[end + 1..];
+            if self.overflow || self.line.len() + head.len() > MAX_LINE {
+                // Too long to observe: passed through unobserved.
+            } else if self.line.is_empty() {
+                self.on_line(head);
             } else {
-                self.overflow = true;
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(head);
+                self.on_line(&line);
+                line.clear();
+                self.line = line;
             }
+            self.line.clear();
+            self.overflow = false;
+        }
+        if self.overflow || self.line.len() + chunk.len() > MAX_LINE {
+            self.overflow = true;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(chunk);
         }
     }
 
@@ -191,6 +202,24 @@ mod tests {
             }
             assert!(o.seen.answered && o.seen.ended && !o.seen.error);
             assert_eq!(o.seen.total_tokens, 15);
+            assert_eq!(o.seen.session_id.as_deref(), Some("s1"));
+        }
+    }
+
+    #[test]
+    fn a_line_too_long_to_observe_is_skipped_and_the_next_ones_are_not() {
+        let long = format!(
+            "data:{{\"event\":\"error\",\"data\":\"{}\"}}\n\n",
+            "x".repeat(MAX_LINE)
+        );
+        let input = format!("{long}{CAPTURE}");
+        for split in [1000usize, 65536, input.len()] {
+            let mut o = StreamObserver::default();
+            for chunk in input.as_bytes().chunks(split) {
+                o.feed(chunk);
+            }
+            assert!(!o.seen.error, "the over-long line was not parsed");
+            assert!(o.seen.answered && o.seen.ended);
             assert_eq!(o.seen.session_id.as_deref(), Some("s1"));
         }
     }
