@@ -21,8 +21,10 @@
 //!   (`NOTIFY flowise_proxy_ledger`, `RECALL_WAIT` at most), then tries once
 //!   more. A dead instance's leases come back after `HOLD_TTL_SECONDS`.
 //! * A kill -9 loses only what was answered and not yet written (the
-//!   settlement queue, at most `LEASE_QUEUE_LIMIT` rows while leases are in
-//!   use), in the user's favour: the dead instance's leases expire whole.
+//!   settlement queue: what the batch gathers, `GATHER`, plus the batch
+//!   being written; at most `LEASE_QUEUE_LIMIT` rows, lease admissions wait
+//!   while it is full), in the user's favour: the dead instance's leases
+//!   expire whole.
 //! * Distribution: every statement touches one user's rows and names its
 //!   `user_id` (the tables can be distributed by it); see the README.
 //! * Settlement: exactly once per hold, off the response path, through a queue
