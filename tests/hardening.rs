@@ -452,19 +452,12 @@ async fn users_revoke_their_own_api_keys() {
 
 /// Σ `flowise_proxy_database_errors_total` on the proxy.
 async fn database_errors(w: &World) -> f64 {
-    let text = w
-        .http
-        .get(format!("{}/metrics", w.proxy.metrics_url))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with("flowise_proxy_database_errors_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    w.metric_sum(
+        &w.proxy.metrics_url,
+        "flowise_proxy_database_errors_total",
+        None,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,18 +278,6 @@ async fn non_admins_get_403_on_admin_and_other_flowise_paths() {
 async fn changes_reach_a_second_instance_within_a_second() {
     let w = World::start().await;
     let second = w.second_instance(|o| o).await;
-    let on_second = |token: String, path: String| {
-        let http = w.http.clone();
-        let url = format!("{}{}", second.base_url, path);
-        async move {
-            http.get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        }
-    };
     w.add_user("root", "admin", 0);
     let admin = w.login("root").await;
     let (uid, token) = w.user_with("erin", 5, FLOW).await;
@@ -302,13 +290,13 @@ async fn changes_reach_a_second_instance_within_a_second() {
         )
         .await;
     let key = key["api_key"].as_str().expect("api key").to_string();
-    let within = |pred_status: u16, token: String, path: String| async move {
-        support::wait_until(Duration::from_millis(1000), || {
-            on_second(token.clone(), path.clone()).then(move |s| async move { s == pred_status })
-        })
-        .await
+    let within = |want: u16, token: String, path: String| {
+        let (w, two) = (&w, &second.base_url);
+        async move {
+            w.answers_within(Duration::from_secs(1), two, &token, &path, want)
+                .await
+        }
     };
-    use futures::FutureExt;
     assert!(
         within(200, key.clone(), format!("/chatflows/{FLOW}")).await,
         "key not usable on instance two"
@@ -360,31 +348,11 @@ async fn changes_reach_a_second_instance_within_a_second() {
     );
 }
 
-/// The sum of a metric's series on a proxy's `/metrics` (0 when absent).
-async fn metric_sum(w: &World, metrics_url: &str, name: &str, label: Option<&str>) -> f64 {
-    let text = w
-        .http
-        .get(format!("{metrics_url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| {
-            l.split(['{', ' ']).next() == Some(name) && label.is_none_or(|lb| l.contains(lb))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A grant, a key and a revocation made on instance one are in force on
 /// instance two within 1 s as deltas: two re-reads only the changed rows and
 /// never reloads the whole identity snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_reach_a_second_instance_as_deltas_without_a_full_reload() {
-    use futures::FutureExt;
     const RELOADS: &str = "flowise_proxy_identity_snapshot_reloads_total";
     const ROWS: &str = "flowise_proxy_identity_snapshot_rows_read_total";
     let w = World::start().await;
@@ -393,34 +361,24 @@ async fn changes_reach_a_second_instance_as_deltas_without_a_full_reload() {
     w.add_user("root", "admin", 0);
     let admin = w.login("root").await;
     let (uid, token) = w.user_with("frank", 5, FLOW).await;
-    let on_second = |token: String, path: String| {
-        let http = w.http.clone();
-        let url = format!("{}{}", second.base_url, path);
+    let within = |want: u16, token: String, path: String| {
+        let (w, two) = (&w, &second.base_url);
         async move {
-            http.get(url)
-                .bearer_auth(token)
-                .send()
+            w.answers_within(Duration::from_secs(1), two, &token, &path, want)
                 .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
         }
-    };
-    let within = |want: u16, token: String, path: String| async move {
-        support::wait_until(Duration::from_millis(1000), || {
-            on_second(token.clone(), path.clone()).then(move |s| async move { s == want })
-        })
-        .await
     };
     // Instance two knows the user (its start-up load or a delta).
     assert!(within(200, token.clone(), format!("/chatflows/{FLOW}")).await);
     assert_eq!(
-        on_second(token.clone(), format!("/chatflows/{FLOW2}")).await,
+        w.status_at(&second.base_url, &token, &format!("/chatflows/{FLOW2}"))
+            .await,
         403
     );
     let m = &second.metrics_url;
-    let full_before = metric_sum(&w, m, RELOADS, None).await;
-    let full_rows_before = metric_sum(&w, m, ROWS, Some("kind=\"full\"")).await;
-    let delta_rows_before = metric_sum(&w, m, ROWS, Some("kind=\"delta\"")).await;
+    let full_before = w.metric_sum(m, RELOADS, None).await;
+    let full_rows_before = w.metric_sum(m, ROWS, Some("kind=\"full\"")).await;
+    let delta_rows_before = w.metric_sum(m, ROWS, Some("kind=\"delta\"")).await;
 
     // A grant through the admin API on one: in force on two within 1 s.
     let r = w
@@ -436,11 +394,7 @@ async fn changes_reach_a_second_instance_as_deltas_without_a_full_reload() {
         "grant not in force on instance two within 1 s"
     );
     // A new key, then its revocation.
-    let key: Value = w
-        .post_json(&format!("/admin/users/{uid}/api-keys"), &admin, &json!({}))
-        .await;
-    let key_id = key["id"].as_i64().expect("key id");
-    let key = key["api_key"].as_str().expect("api key").to_string();
+    let (key_id, key) = w.new_api_key(&admin, uid).await;
     assert!(within(200, key.clone(), "/chat/credits".into()).await);
     w.delete(&format!("/admin/api-keys/{key_id}"), &admin).await;
     assert!(
@@ -459,15 +413,15 @@ async fn changes_reach_a_second_instance_as_deltas_without_a_full_reload() {
     );
 
     assert_eq!(
-        metric_sum(&w, m, RELOADS, None).await,
+        w.metric_sum(m, RELOADS, None).await,
         full_before,
         "instance two reloaded everything for a change of a few rows"
     );
     assert_eq!(
-        metric_sum(&w, m, ROWS, Some("kind=\"full\"")).await,
+        w.metric_sum(m, ROWS, Some("kind=\"full\"")).await,
         full_rows_before
     );
-    let delta_rows = metric_sum(&w, m, ROWS, Some("kind=\"delta\"")).await - delta_rows_before;
+    let delta_rows = w.metric_sum(m, ROWS, Some("kind=\"delta\"")).await - delta_rows_before;
     assert!(
         (1.0..50.0).contains(&delta_rows),
         "instance two read {delta_rows} rows for four changes"
@@ -620,21 +574,8 @@ async fn a_full_reload_in_the_middle_of_changes_keeps_every_change() {
     let (erin, erin_token) = w.user_with("erin", 5, FLOW).await;
     let (frank, frank_token) = w.user_with("frank", 5, FLOW).await;
     let (gina, gina_token) = w.user_with("gina", 5, FLOW).await;
-    let new_key = |uid: i64| {
-        let w = &w;
-        let admin = admin.clone();
-        async move {
-            let key: Value = w
-                .post_json(&format!("/admin/users/{uid}/api-keys"), &admin, &json!({}))
-                .await;
-            (
-                key["id"].as_i64().expect("key id"),
-                key["api_key"].as_str().expect("api key").to_string(),
-            )
-        }
-    };
-    let (_, kept_key) = new_key(erin).await;
-    let (revoked_key_id, revoked_key) = new_key(erin).await;
+    let (_, kept_key) = w.new_api_key(&admin, erin).await;
+    let (revoked_key_id, revoked_key) = w.new_api_key(&admin, erin).await;
     let db = w.db.client().await;
     // 100,000 more keys (no notifications: triggers off), so that the
     // reload's API keys come in several parts.
@@ -648,17 +589,8 @@ async fn a_full_reload_in_the_middle_of_changes_keeps_every_change() {
     .await
     .expect("padding keys");
     let status = |token: String, path: String| {
-        let http = w.http.clone();
-        let url = w.url(&path);
-        async move {
-            http.get(url)
-                .bearer_auth(token)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
-                .unwrap_or(0)
-        }
+        let w = &w;
+        async move { w.status_at(&w.proxy.base_url, &token, &path).await }
     };
     let flow = format!("/chatflows/{FLOW}");
     let flow2 = format!("/chatflows/{FLOW2}");
@@ -668,7 +600,9 @@ async fn a_full_reload_in_the_middle_of_changes_keeps_every_change() {
     assert_eq!(status(frank_token.clone(), flow2.clone()).await, 403);
     assert_eq!(status(gina_token.clone(), credits.clone()).await, 200);
     let m = &w.proxy.metrics_url;
-    let reloads_before = metric_sum(&w, m, RELOADS, Some("trigger=\"reconnect\"")).await;
+    let reloads_before = w
+        .metric_sum(m, RELOADS, Some("trigger=\"reconnect\""))
+        .await;
 
     let locker = w.db.client().await;
     locker
@@ -714,16 +648,21 @@ async fn a_full_reload_in_the_middle_of_changes_keeps_every_change() {
         .expect("changes during the reload");
 
     let reloaded = support::wait_until(Duration::from_secs(20), || {
-        metric_sum(&w, m, RELOADS, Some("trigger=\"reconnect\"")).map(|n| n > reloads_before)
+        w.metric_sum(m, RELOADS, Some("trigger=\"reconnect\""))
+            .map(|n| n > reloads_before)
     })
     .await;
     assert!(reloaded, "no full reload\n{}", w.proxy.output_dump());
     let within = |want: u16, token: String, path: String| {
-        let status = &status;
+        let w = &w;
         async move {
-            support::wait_until(Duration::from_secs(5), || {
-                status(token.clone(), path.clone()).map(move |s| s == want)
-            })
+            w.answers_within(
+                Duration::from_secs(5),
+                &w.proxy.base_url,
+                &token,
+                &path,
+                want,
+            )
             .await
         }
     };

@@ -93,6 +93,19 @@ pub struct GiveBack {
     pub close: bool,
 }
 
+/// One lease of one user, if this instance still holds it.
+fn lease_mut(
+    users: &mut HashMap<i64, UserLeases>,
+    user_id: i64,
+    lease: Uuid,
+) -> Option<&mut Lease> {
+    users
+        .get_mut(&user_id)?
+        .leases
+        .iter_mut()
+        .find(|l| l.id == lease)
+}
+
 #[derive(Default)]
 pub struct LeaseBook {
     users: Mutex<HashMap<i64, UserLeases>>,
@@ -182,11 +195,7 @@ impl LeaseBook {
     /// Returns the lease when it is now to be closed.
     pub fn finished(&self, user_id: i64, lease: Uuid, amount: i64, kept: i64) -> Option<GiveBack> {
         let mut users = self.users.lock();
-        let l = users
-            .get_mut(&user_id)?
-            .leases
-            .iter_mut()
-            .find(|l| l.id == lease)?;
+        let l = lease_mut(&mut users, user_id, lease)?;
         let kept = kept.clamp(0, amount);
         l.in_flight -= amount;
         l.running = l.running.saturating_sub(1);
@@ -202,12 +211,7 @@ impl LeaseBook {
 
     /// The rows of finished predictions holding `kept` were written.
     pub fn written(&self, user_id: i64, lease: Uuid, kept: i64) {
-        if let Some(l) = self
-            .users
-            .lock()
-            .get_mut(&user_id)
-            .and_then(|u| u.leases.iter_mut().find(|l| l.id == lease))
-        {
+        if let Some(l) = lease_mut(&mut self.users.lock(), user_id, lease) {
             l.queued -= kept;
         }
     }
@@ -228,11 +232,7 @@ impl LeaseBook {
     /// Returns it when it is to be closed (forgotten) now.
     pub fn expired(&self, user_id: i64, lease: Uuid) -> Option<GiveBack> {
         let mut users = self.users.lock();
-        let l = users
-            .get_mut(&user_id)?
-            .leases
-            .iter_mut()
-            .find(|l| l.id == lease)?;
+        let l = lease_mut(&mut users, user_id, lease)?;
         l.free = 0;
         let newly_closing = !l.closing;
         l.closing = true;

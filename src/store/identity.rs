@@ -372,7 +372,6 @@ pub trait IdentitySink {
 /// order: revoked ids, API keys, grants, then users (the one table whose
 /// changes can let more in: see `auth::snapshot::SnapshotStore::reload`).
 pub async fn load_identity(db: &Db, sink: &mut impl IdentitySink) -> StoreResult<u64> {
-    use futures::TryStreamExt;
     let mut c = db.get().await?;
     let tx = c
         .build_transaction()
@@ -380,58 +379,56 @@ pub async fn load_identity(db: &Db, sink: &mut impl IdentitySink) -> StoreResult
         .read_only(true)
         .start()
         .await?;
-    let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
     let mut read = 0u64;
-    let rows = tx
-        .query_raw(
-            "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now() ORDER BY jti",
-            none,
-        )
-        .await?;
-    futures::pin_mut!(rows);
-    while let Some(r) = rows.try_next().await? {
-        sink.revoked(r.get(0), r.get(1));
-        read += 1;
-    }
-    let rows = tx
-        .query_raw(
-            "SELECT prefix, user_id, secret_hash FROM api_keys WHERE revoked_at IS NULL
-             ORDER BY prefix",
-            none,
-        )
-        .await?;
-    futures::pin_mut!(rows);
-    while let Some(r) = rows.try_next().await? {
-        sink.api_key(r.get(0), r.get(1), r.get(2));
-        read += 1;
-    }
-    let rows = tx
-        .query_raw(
-            "SELECT user_id, chatflow_id FROM grants ORDER BY user_id",
-            none,
-        )
-        .await?;
-    futures::pin_mut!(rows);
-    while let Some(r) = rows.try_next().await? {
-        sink.grant(r.get(0), r.get(1));
-        read += 1;
-    }
-    let rows = tx
-        .query_raw(
-            "SELECT id, role, active, tokens_valid_after FROM users ORDER BY id",
-            none,
-        )
-        .await?;
-    futures::pin_mut!(rows);
-    while let Some(r) = rows.try_next().await? {
-        sink.user(r.get(0), r.get(1), r.get(2), r.get(3));
-        read += 1;
-    }
+    read += each_row(
+        &tx,
+        "SELECT jti, expires_at FROM revoked_tokens WHERE expires_at > now() ORDER BY jti",
+        |r| sink.revoked(r.get(0), r.get(1)),
+    )
+    .await?;
+    read += each_row(
+        &tx,
+        "SELECT prefix, user_id, secret_hash FROM api_keys WHERE revoked_at IS NULL
+         ORDER BY prefix",
+        |r| sink.api_key(r.get(0), r.get(1), r.get(2)),
+    )
+    .await?;
+    read += each_row(
+        &tx,
+        "SELECT user_id, chatflow_id FROM grants ORDER BY user_id",
+        |r| sink.grant(r.get(0), r.get(1)),
+    )
+    .await?;
+    read += each_row(
+        &tx,
+        "SELECT id, role, active, tokens_valid_after FROM users ORDER BY id",
+        |r| sink.user(r.get(0), r.get(1), r.get(2), r.get(3)),
+    )
+    .await?;
     let chatflows = super::catalog::all_in(&tx).await?;
     read += chatflows.len() as u64;
     sink.chatflows(chatflows);
     tx.commit().await?;
     Ok(read)
+}
+
+/// Streams the rows of `sql` into `each` (no result set held in memory);
+/// returns how many there were.
+async fn each_row(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    mut each: impl FnMut(&tokio_postgres::Row),
+) -> StoreResult<u64> {
+    use futures::TryStreamExt;
+    let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+    let rows = tx.query_raw(sql, none).await?;
+    futures::pin_mut!(rows);
+    let mut n = 0;
+    while let Some(r) = rows.try_next().await? {
+        each(&r);
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// What changed, as the notifications named it: only these rows are read

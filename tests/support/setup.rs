@@ -61,6 +61,70 @@ impl World {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// `GET path` as `token` on the proxy at `base_url` (this world's or
+    /// another instance's): its status, 0 when it could not be reached.
+    pub async fn status_at(&self, base_url: &str, token: &str, path: &str) -> u16 {
+        self.http
+            .get(format!("{base_url}{path}"))
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Polls `GET path` as `token` on `base_url` until it answers `want`,
+    /// `limit` at most: whether it did.
+    pub async fn answers_within(
+        &self,
+        limit: Duration,
+        base_url: &str,
+        token: &str,
+        path: &str,
+        want: u16,
+    ) -> bool {
+        super::wait_until(limit, || async {
+            self.status_at(base_url, token, path).await == want
+        })
+        .await
+    }
+
+    /// The sum of a metric's series on a proxy's metrics listener (0 when
+    /// absent), only those whose labels contain `label` when given.
+    pub async fn metric_sum(&self, metrics_url: &str, name: &str, label: Option<&str>) -> f64 {
+        let text = self
+            .http
+            .get(format!("{metrics_url}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| {
+                l.split(['{', ' ']).next() == Some(name) && label.is_none_or(|lb| l.contains(lb))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// A new API key for `user_id`, made by `admin`: `(id, key)`.
+    pub async fn new_api_key(&self, admin: &str, user_id: i64) -> (i64, String) {
+        let key: Value = self
+            .post_json(
+                &format!("/admin/users/{user_id}/api-keys"),
+                admin,
+                &json!({}),
+            )
+            .await;
+        (
+            key["id"].as_i64().expect("key id"),
+            key["api_key"].as_str().expect("api key").to_string(),
+        )
+    }
+
     /// `GET path` as `token`.
     pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
         self.send(reqwest::Method::GET, path, token, None).await
