@@ -44,7 +44,9 @@
 # tree's, not built), USERS (1000), BENCH_PG, REPS (3), DURATION (6s per run),
 # WARMUP (1s before each run), CONNECTIONS (64), THREADS (2), ONLY, SERVERS
 # ("nginx bare proxy"), KEEP (non-empty: leave the database and the work
-# directory, with the servers' logs, for inspection), RESULTS (file for the raw per-run lines; default a
+# directory, with the servers' logs, for inspection), HOLD (seconds: set up,
+# write the servers' URLs and pids to /tmp/fp-bench-servers.env, wait that
+# long instead of measuring; for profilers), RESULTS (file for the raw per-run lines; default a
 # temporary file, shown at the end). Needs psql, curl, python3.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -166,6 +168,7 @@ cat >"$WORK/pingora.yaml" <<CONF
 ---
 version: 1
 threads: 2
+work_stealing: false
 pid_file: $WORK/proxy.pid
 upgrade_sock: $WORK/upgrade.sock
 CONF
@@ -183,7 +186,7 @@ log "flowise-proxy on $PROXY_URL (pid $PROXY_PID)"
 # --- bare Pingora --------------------------------------------------------------
 BARE_PORT="$(free_port)"
 BARE_LISTEN="127.0.0.1:$BARE_PORT" BARE_UPSTREAM="$FLOWISE_HOSTPORT" \
-    BARE_UPSTREAM_KEY="$FLOWISE_KEY" BARE_THREADS=2 \
+    BARE_UPSTREAM_KEY="$FLOWISE_KEY" BARE_THREADS=2 BARE_WORK_STEALING=false \
     "$BARE" >/dev/null 2>"$WORK/bare.log" &
 BARE_PID=$!
 PIDS+=("$BARE_PID")
@@ -364,6 +367,30 @@ for server in $SERVERS; do
     code="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $first_token" "$url/api/v1/chatflows/$CHATFLOW")"
     [ "$code" = 200 ] || die "$server answered $code to GET /api/v1/chatflows/$CHATFLOW"
 done
+
+# HOLD: everything is set up; write what a profiler needs and wait (until
+# Ctrl-C or HOLD seconds) instead of measuring.
+if [ -n "${HOLD:-}" ]; then
+    cat >"$WORK/servers.env" <<ENV
+NGINX_URL=$NGINX_URL
+BARE_URL=$BARE_URL
+PROXY_URL=$PROXY_URL
+FLOWISE_URL=$FLOWISE_URL
+CONTROL_URL=$CONTROL_URL
+METRICS_URL=http://127.0.0.1:$METRICS_PORT/metrics
+NGINX_PID=$NGINX_PID
+BARE_PID=$BARE_PID
+PROXY_PID=$PROXY_PID
+DOUBLE_PID=$DOUBLE_PID
+DATABASE_URL=$DATABASE_URL
+BENCH_TOKENS=$WORK/tokens.txt
+BENCH_CHATFLOW=$CHATFLOW
+ENV
+    cp "$WORK/servers.env" "${TMPDIR:-/tmp}/fp-bench-servers.env"
+    log "HOLD: servers up, see ${TMPDIR:-/tmp}/fp-bench-servers.env; waiting ${HOLD} s"
+    sleep "$HOLD"
+    exit 0
+fi
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "$REPS × $DURATION per scenario and server, $THREADS wrk threads, $CONNECTIONS connections"

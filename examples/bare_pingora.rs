@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! BARE_LISTEN=127.0.0.1:8001 BARE_UPSTREAM=127.0.0.1:3000 \
-//!     BARE_UPSTREAM_KEY=test-flowise-key BARE_THREADS=2 \
+//!     BARE_UPSTREAM_KEY=test-flowise-key BARE_THREADS=2 BARE_WORK_STEALING=true \
 //!     cargo run --release --example bare_pingora
 //! ```
 
@@ -78,6 +78,9 @@ fn main() {
 
     let mut conf = ServerConf::new().expect("Pingora's default configuration");
     conf.threads = threads;
+    // BARE_WORK_STEALING=false: one single-threaded runtime per thread, as
+    // flowise-proxy's default configuration has it (same setting, same floor).
+    conf.work_stealing = env_or("BARE_WORK_STEALING", "true") != "false";
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
     let mut proxy = pingora_proxy::http_proxy_service(

@@ -137,7 +137,7 @@ pub async fn start(opts: ProxyOptions) -> ProxyProcess {
         let conf_path = dir.path().join("pingora.yaml");
         let upgrade_sock = dir.path().join("upgrade.sock");
         let conf = format!(
-            "---\nversion: 1\nthreads: 2\npid_file: {}\nupgrade_sock: {}\n\
+            "---\nversion: 1\nthreads: 2\nwork_stealing: false\npid_file: {}\nupgrade_sock: {}\n\
              grace_period_seconds: {}\ngraceful_shutdown_timeout_seconds: 2\n",
             dir.path().join("proxy.pid").display(),
             upgrade_sock.display(),
