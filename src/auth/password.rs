@@ -119,8 +119,26 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
     Sha256::digest(data).to_vec()
 }
 
+/// Equal contents, in time that depends only on the length. The
+/// differences are OR-folded eight bytes at a time (every byte is read, no
+/// early exit) and the fold is tested once with `subtle`; `subtle`'s own
+/// slice comparison goes byte by byte behind an optimisation barrier, which
+/// was 1.2 % of the proxy's CPU per request on a ~300-byte access token.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && bool::from(a.ct_eq(b))
+    if a.len() != b.len() {
+        return false;
+    }
+    let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8]));
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut diff = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(0u64, |d, (x, y)| d | u64::from(x ^ y));
+    for (x, y) in ac.zip(bc) {
+        diff |= word(x) ^ word(y);
+    }
+    bool::from(diff.ct_eq(&0))
 }
 
 /// API keys look like `fpk_<prefix>_<secret>`: the prefix finds the key, the
@@ -162,6 +180,19 @@ pub fn parse_api_key(token: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ct_eq_finds_a_difference_at_every_position() {
+        let a: Vec<u8> = (0..37u8).collect();
+        assert!(ct_eq(&a, &a.clone()));
+        for i in 0..a.len() {
+            let mut b = a.clone();
+            b[i] ^= 0x80;
+            assert!(!ct_eq(&a, &b), "difference at byte {i} missed");
+        }
+        assert!(!ct_eq(&a, &a[..36]));
+        assert!(ct_eq(b"", b""));
+    }
 
     #[test]
     fn passwords_and_keys() {

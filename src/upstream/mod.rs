@@ -223,6 +223,11 @@ impl Upstreams {
         // hop-by-hop too.
         let doomed = names_to_strip(&req.headers, STRIP_UPSTREAM, true);
         for name in &doomed {
+            // The client's `Authorization` is replaced just below when a
+            // Flowise key is set: one map update instead of two.
+            if self.authorization.is_some() && name == header::AUTHORIZATION {
+                continue;
+            }
             req.remove_header(name);
         }
         req.insert_header(header::HOST, self.host_values[index].clone())?;
