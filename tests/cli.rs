@@ -105,6 +105,24 @@ async fn every_command_takes_c_with_the_database_url_in_the_yaml() {
     assert!(stdout(&out).contains("carol"), "{}", text(&out));
     let out = run(dir.path(), &["ledger", "verify", "-c", c], &[], None);
     assert!(out.status.success(), "{}", text(&out));
+
+    // The ledger has no foreign key to accounts (migration V8, a per-row
+    // cost): a row of a user without an account is what verify reports.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO ledger (user_id, kind, delta_available, delta_held) VALUES (987654, 'grant', 3, 0)",
+            &[],
+        )
+        .await
+        .expect("insert a stray ledger row");
+    let out = run(dir.path(), &["ledger", "verify", "-c", c], &[], None);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("user 987654: 1 ledger rows but no account"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -521,6 +521,23 @@ pub async fn verify(db: &Db, ttl_seconds: f64) -> StoreResult<Vec<String>> {
             r.get::<_, i64>(5)
         ));
     }
+    // The ledger has no foreign key (migration V8): a row whose user has no
+    // account is found here instead.
+    let strays = c
+        .query(
+            "SELECT l.user_id, count(*) FROM ledger l
+             WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = l.user_id)
+             GROUP BY l.user_id ORDER BY l.user_id LIMIT 100",
+            &[],
+        )
+        .await?;
+    for r in strays {
+        problems.push(format!(
+            "user {}: {} ledger rows but no account",
+            r.get::<_, i64>(0),
+            r.get::<_, i64>(1)
+        ));
+    }
     let orphans = c
         .query(
             "SELECT hold_id, user_id, amount, created_at FROM holds
