@@ -494,67 +494,72 @@ pub async fn ledger_page(
 pub async fn verify(db: &Db, ttl_seconds: f64) -> StoreResult<Vec<String>> {
     let c = db.get().await?;
     let mut problems = Vec::new();
-    let drift = c
-        .query(
-            "SELECT a.user_id, a.available, a.held,
-                    COALESCE(l.avail, 0)::bigint, COALESCE(l.held, 0)::bigint, COALESCE(h.open, 0)::bigint
-             FROM accounts a
-             LEFT JOIN (SELECT user_id, sum(delta_available) avail, sum(delta_held) held
-                        FROM ledger GROUP BY user_id) l ON l.user_id = a.user_id
-             LEFT JOIN (SELECT user_id, sum(amount - COALESCE(captured, 0) - released) open
-                        FROM holds WHERE state = 'open'
-                        GROUP BY user_id) h ON h.user_id = a.user_id
-             WHERE a.available <> COALESCE(l.avail, 0) OR a.held <> COALESCE(l.held, 0)
-                OR a.held <> COALESCE(h.open, 0)
-             ORDER BY a.user_id",
-            &[],
-        )
-        .await?;
-    for r in drift {
-        problems.push(format!(
-            "user {}: available {} held {} but ledger sums to available {} held {}, open holds {}",
-            r.get::<_, i64>(0),
-            r.get::<_, i64>(1),
-            r.get::<_, i64>(2),
-            r.get::<_, i64>(3),
-            r.get::<_, i64>(4),
-            r.get::<_, i64>(5)
-        ));
-    }
+    // Each check: a query whose rows are problems, and how a row reads.
+    let mut check = async |sql: &str,
+                           params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+                           describe: fn(&tokio_postgres::Row) -> String|
+           -> StoreResult<()> {
+        let rows = c.query(sql, params).await?;
+        problems.extend(rows.iter().map(describe));
+        Ok(())
+    };
+    check(
+        "SELECT a.user_id, a.available, a.held,
+                COALESCE(l.avail, 0)::bigint, COALESCE(l.held, 0)::bigint, COALESCE(h.open, 0)::bigint
+         FROM accounts a
+         LEFT JOIN (SELECT user_id, sum(delta_available) avail, sum(delta_held) held
+                    FROM ledger GROUP BY user_id) l ON l.user_id = a.user_id
+         LEFT JOIN (SELECT user_id, sum(amount - COALESCE(captured, 0) - released) open
+                    FROM holds WHERE state = 'open'
+                    GROUP BY user_id) h ON h.user_id = a.user_id
+         WHERE a.available <> COALESCE(l.avail, 0) OR a.held <> COALESCE(l.held, 0)
+            OR a.held <> COALESCE(h.open, 0)
+         ORDER BY a.user_id",
+        &[],
+        |r| {
+            format!(
+                "user {}: available {} held {} but ledger sums to available {} held {}, open holds {}",
+                r.get::<_, i64>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, i64>(3),
+                r.get::<_, i64>(4),
+                r.get::<_, i64>(5)
+            )
+        },
+    )
+    .await?;
     // The ledger has no foreign key (migration V8): a row whose user has no
     // account is found here instead.
-    let strays = c
-        .query(
-            "SELECT l.user_id, count(*) FROM ledger l
-             WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = l.user_id)
-             GROUP BY l.user_id ORDER BY l.user_id LIMIT 100",
-            &[],
-        )
-        .await?;
-    for r in strays {
-        problems.push(format!(
-            "user {}: {} ledger rows but no account",
-            r.get::<_, i64>(0),
-            r.get::<_, i64>(1)
-        ));
-    }
-    let orphans = c
-        .query(
-            "SELECT hold_id, user_id, amount, created_at FROM holds
-             WHERE state = 'open' AND renewed_at < now() - make_interval(secs => $1)
-             ORDER BY created_at LIMIT 100",
-            &[&ttl_seconds],
-        )
-        .await?;
-    for r in orphans {
-        let at: DateTime<Utc> = r.get(3);
-        problems.push(format!(
-            "hold {} of user {} ({} credits) open since {} (older than the TTL)",
-            r.get::<_, Uuid>(0),
-            r.get::<_, i64>(1),
-            r.get::<_, i64>(2),
-            at.to_rfc3339()
-        ));
-    }
+    check(
+        "SELECT l.user_id, count(*) FROM ledger l
+         WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.user_id = l.user_id)
+         GROUP BY l.user_id ORDER BY l.user_id LIMIT 100",
+        &[],
+        |r| {
+            format!(
+                "user {}: {} ledger rows but no account",
+                r.get::<_, i64>(0),
+                r.get::<_, i64>(1)
+            )
+        },
+    )
+    .await?;
+    check(
+        "SELECT hold_id, user_id, amount, created_at FROM holds
+         WHERE state = 'open' AND renewed_at < now() - make_interval(secs => $1)
+         ORDER BY created_at LIMIT 100",
+        &[&ttl_seconds],
+        |r| {
+            format!(
+                "hold {} of user {} ({} credits) open since {} (older than the TTL)",
+                r.get::<_, Uuid>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, DateTime<Utc>>(3).to_rfc3339()
+            )
+        },
+    )
+    .await?;
     Ok(problems)
 }
