@@ -47,10 +47,11 @@ impl StreamObserver {
             } else if self.line.is_empty() {
                 self.on_line(head);
             } else {
+                // Its start came with an earlier chunk (the buffer is kept
+                // for reuse and cleared below).
                 let mut line = std::mem::take(&mut self.line);
                 line.extend_from_slice(head);
                 self.on_line(&line);
-                line.clear();
                 self.line = line;
             }
             self.line.clear();
