@@ -589,3 +589,104 @@ async fn kill_nine_under_load_keeps_the_books_exact() {
     let r = predict(&w, &token, json!({"question": "after"})).await;
     assert_eq!(r.status(), 200);
 }
+
+/// A settlement batch charges all of its leases in one database call
+/// (migration V9): each lease gets its own rows and its own answer, in the
+/// batch's order; a lease that is no longer open gets nothing written (its
+/// predictions are logged as late captures); a batch retried after a commit
+/// whose answer was lost writes nothing twice. The books balance throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_charges_each_lease_of_a_batch_once() {
+    let w = World::start_with(|o| o.env("CREDIT_LEASE_IDLE_MS", "600000")).await;
+    let (a, token_a) = w.user_with("batch-a", 100, FLOW).await;
+    let (b, token_b) = w.user_with("batch-b", 100, FLOW).await;
+    for token in [&token_a, &token_b] {
+        let r = predict(&w, token, json!({"question": "lease"})).await;
+        assert_eq!(r.status(), 200);
+    }
+    // Each user's first prediction took a lease and was charged on it.
+    for user in [a, b] {
+        assert!(
+            support::wait_until(Duration::from_secs(20), || async {
+                w.ledger_rows(user, "charge").await == 1
+            })
+            .await,
+            "the first prediction of user {user} was never charged"
+        );
+    }
+    let db = w.db.client().await;
+    let lease_of = |user: i64| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT hold_id FROM holds WHERE user_id = $1 AND lease AND state = 'open'",
+                    &[&user],
+                )
+                .await
+                .expect("an open lease");
+            row.get::<_, uuid::Uuid>(0)
+        }
+    };
+    let (lease_a, lease_b) = (lease_of(a).await, lease_of(b).await);
+    let gone = uuid::Uuid::new_v4();
+    let ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::new_v4()).collect();
+    // Groups: a (a charge and a void), b on a lease that is not open (one
+    // charge), b (two charges).
+    let users = vec![a, b, b];
+    let leases = vec![lease_a, gone, lease_b];
+    let ends: Vec<i32> = vec![2, 3, 5];
+    let amounts: Vec<i64> = vec![1, 0, 1, 1, 1];
+    let kinds = vec!["charge", "void", "charge", "charge", "charge"];
+    let rids = vec!["r1", "r2", "r3", "r4", "r5"];
+    let cfs = vec![FLOW; 5];
+    let call = || async {
+        db.query_one(
+            "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[&users, &leases, &ends, &ids, &amounts, &kinds, &rids, &cfs],
+        )
+        .await
+        .expect("charge_leases")
+        .get::<_, Vec<bool>>(0)
+    };
+    let before = (w.balance(a).await, w.balance(b).await);
+    assert_eq!(call().await, vec![true, false, true]);
+    let after = (w.balance(a).await, w.balance(b).await);
+    assert_eq!(after.0 .1, before.0 .1 - 1, "a's charge left held");
+    assert_eq!(after.1 .1, before.1 .1 - 2, "b's two charges left held");
+    assert_eq!(
+        (after.0 .0, after.1 .0),
+        (before.0 .0, before.1 .0),
+        "charges on a lease never touch available"
+    );
+    let rows_on = |lease: uuid::Uuid| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM ledger WHERE lease_id = $1 AND kind IN ('charge', 'void')",
+                &[&lease],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(
+        rows_on(lease_a).await,
+        1 + 2,
+        "a's first charge and the two new rows"
+    );
+    assert_eq!(rows_on(lease_b).await, 1 + 2);
+    assert_eq!(
+        rows_on(gone).await,
+        0,
+        "nothing for a lease that is not open"
+    );
+    w.assert_books_balance().await;
+    // The same batch again (its commit's answer lost): nothing moves twice.
+    assert_eq!(call().await, vec![true, false, true]);
+    assert_eq!((w.balance(a).await, w.balance(b).await), after);
+    assert_eq!(rows_on(lease_a).await, 3);
+    assert_eq!(rows_on(lease_b).await, 3);
+    w.assert_books_balance().await;
+}

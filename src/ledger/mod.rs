@@ -236,6 +236,44 @@ enum Written {
     Bound,
 }
 
+/// A statement of a settlement batch, by its groups (see `write_sorted`).
+enum Statement {
+    /// Consecutive groups of lease charges: one call.
+    Charges(std::ops::Range<usize>),
+    /// A settle or a close.
+    One(usize),
+}
+
+/// One lease's charges, from its group of jobs.
+fn lease_charges(group: &[Job]) -> sql::LeaseCharges<'_> {
+    let mut charges = sql::LeaseCharges {
+        user_id: group[0].user_id,
+        lease_id: Uuid::nil(),
+        rows: Vec::with_capacity(group.len()),
+    };
+    for job in group {
+        if let Work::Charge {
+            lease,
+            id,
+            kept,
+            request_id,
+            chatflow_id,
+            ..
+        } = &job.work
+        {
+            charges.lease_id = *lease;
+            charges.rows.push(sql::LeaseCharge {
+                id: *id,
+                amount: *kept,
+                kind: if *kept > 0 { "charge" } else { "void" },
+                request_id,
+                chatflow_id,
+            });
+        }
+    }
+    charges
+}
+
 /// One admission waiting for its batch: an exact hold, or a lease of up to
 /// `lease_max`.
 struct HoldRequest {
@@ -945,53 +983,64 @@ impl Ledger {
         txn.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
             .await?;
         sql::prepare_settlement(&txn).await?;
-        let tx = &txn;
-        let written = futures::future::join_all(groups.iter().map(|&(start, end)| async move {
-            let job = &batch[start];
-            match &job.work {
-                Work::Settle {
-                    hold_id,
-                    kind,
-                    amount,
-                } => sql::settle(tx, job.user_id, *hold_id, *kind, *amount)
-                    .await
-                    .map(Written::Settled),
-                Work::Charge { lease, .. } => {
-                    let rows: Vec<sql::LeaseCharge> = batch[start..end]
-                        .iter()
-                        .filter_map(|j| match &j.work {
-                            Work::Charge {
-                                id,
-                                kept,
-                                request_id,
-                                chatflow_id,
-                                ..
-                            } => Some(sql::LeaseCharge {
-                                id: *id,
-                                amount: *kept,
-                                kind: if *kept > 0 { "charge" } else { "void" },
-                                request_id,
-                                chatflow_id,
-                            }),
-                            _ => None,
-                        })
-                        .collect();
-                    sql::charge_lease(tx, job.user_id, *lease, &rows)
-                        .await
-                        .map(Written::Charged)
+        // One statement per settle and per close; each run of consecutive
+        // lease-charge groups (the usual batch: most of it) is one call
+        // that runs their statements in this same order.
+        let mut statements: Vec<Statement> = Vec::new();
+        for (g, &(start, _)) in groups.iter().enumerate() {
+            match (&batch[start].work, statements.last_mut()) {
+                (Work::Charge { .. }, Some(Statement::Charges(run))) if run.end == g => {
+                    run.end = g + 1
                 }
-                Work::Close { lease } => sql::release_lease(tx, job.user_id, *lease, None, false)
-                    .await
-                    .map(|_| Written::Closed),
-                Work::Bind { .. } => Ok(Written::Bound),
+                (Work::Charge { .. }, _) => statements.push(Statement::Charges(g..g + 1)),
+                _ => statements.push(Statement::One(g)),
+            }
+        }
+        let tx = &txn;
+        let groups = &groups;
+        let written = futures::future::join_all(statements.iter().map(|statement| async move {
+            match statement {
+                Statement::Charges(run) => {
+                    let leases: Vec<sql::LeaseCharges> = groups[run.clone()]
+                        .iter()
+                        .map(|&(start, end)| lease_charges(&batch[start..end]))
+                        .collect();
+                    sql::charge_leases(tx, &leases)
+                        .await
+                        .map(|open| open.into_iter().map(Written::Charged).collect())
+                }
+                Statement::One(g) => {
+                    let job = &batch[groups[*g].0];
+                    let one = match &job.work {
+                        Work::Settle {
+                            hold_id,
+                            kind,
+                            amount,
+                        } => sql::settle(tx, job.user_id, *hold_id, *kind, *amount)
+                            .await
+                            .map(Written::Settled)?,
+                        Work::Close { lease } => {
+                            sql::release_lease(tx, job.user_id, *lease, None, false).await?;
+                            Written::Closed
+                        }
+                        // Charges go in runs; bindings in one statement after.
+                        Work::Charge { .. } | Work::Bind { .. } => Written::Bound,
+                    };
+                    Ok(vec![one])
+                }
             }
         }))
         .await;
         let mut by_job = vec![Written::Bound; batch.len()];
-        for (&(start, end), w) in groups.iter().zip(written) {
-            let w = w?;
-            for slot in &mut by_job[start..end] {
-                *slot = w;
+        for (statement, w) in statements.iter().zip(written) {
+            let run = match statement {
+                Statement::Charges(run) => run.clone(),
+                Statement::One(g) => *g..*g + 1,
+            };
+            for (&(start, end), w) in groups[run].iter().zip(w?) {
+                for slot in &mut by_job[start..end] {
+                    *slot = w;
+                }
             }
         }
         if !binds.is_empty() {

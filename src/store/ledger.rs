@@ -44,32 +44,10 @@ pub async fn place_hold(
     Ok(row.map(|r| r.get(0)))
 }
 
-// The replay guard's `OFFSET 0` keeps it a per-row look-up on
-// `ledger_hold_kind` (hold_id, kind). Without it the generic plan of this
-// prepared statement turned it into an anti join whose inner side was every
-// ledger row of the user, found by a full scan of that index: 1.8 ms a
-// statement at 40k ledger rows, growing with the table, and most of
-// PostgreSQL's CPU per debited request in the benchmark.
-const CHARGE_LEASE_SQL: &str = "WITH x AS (
-                SELECT * FROM unnest($3::uuid[], $4::bigint[], $5::text[], $6::text[], $7::text[])
-                    AS x(id, amount, kind, rid, cf)
-                WHERE NOT EXISTS (SELECT 1 FROM ledger
-                                  WHERE ledger.hold_id = x.id AND ledger.kind = x.kind AND ledger.user_id = $1
-                                  OFFSET 0)
-             ), t AS (
-                SELECT COALESCE(sum(amount), 0)::bigint AS total FROM x
-             ), h AS (
-                UPDATE holds SET captured = COALESCE(captured, 0) + t.total
-                FROM t WHERE holds.user_id = $1 AND holds.hold_id = $2 AND holds.state = 'open' AND holds.lease
-                RETURNING holds.user_id, t.total
-             ), a AS (
-                UPDATE accounts SET held = held - h.total, updated_at = now()
-                FROM h WHERE accounts.user_id = $1 AND h.total > 0
-             ), l AS (
-                INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id, lease_id)
-                SELECT $1, x.kind, 0, -x.amount, x.id, x.rid, x.cf, $2 FROM x, h
-             )
-             SELECT count(*) FROM h";
+// A batch's lease charges, one call: the function (migration V9) runs, per
+// lease, the statement that writes its rows; see there for why it is one
+// call and not one statement per lease.
+const CHARGE_LEASES_SQL: &str = "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)";
 
 const RELEASE_LEASE_SQL: &str = "WITH cur AS (
                 SELECT hold_id, user_id,
@@ -114,7 +92,7 @@ const SETTLE_SQL: &str = "WITH h AS (
 pub async fn prepare_settlement(
     c: &deadpool_postgres::Transaction<'_>,
 ) -> Result<(), tokio_postgres::Error> {
-    for sql in [SETTLE_SQL, CHARGE_LEASE_SQL, RELEASE_LEASE_SQL] {
+    for sql in [SETTLE_SQL, CHARGE_LEASES_SQL, RELEASE_LEASE_SQL] {
         c.prepare_cached(sql).await?;
     }
     Ok(())
@@ -170,31 +148,67 @@ pub struct LeaseCharge<'a> {
     pub chatflow_id: &'a str,
 }
 
-/// Writes the rows of predictions admitted on one lease of one user, and
-/// moves what they kept out of held, in one statement. Rows already written
-/// (a batch retried after a commit whose answer was lost) are skipped.
-/// `false` when the lease is no longer open (expired): nothing is written.
-/// It changes no indexed column (renewal is the renewer's), so both updates
-/// are HOT: no index entries per batch.
-pub async fn charge_lease(
+/// The predictions admitted on one lease of one user since the last batch.
+pub struct LeaseCharges<'a> {
+    pub user_id: i64,
+    pub lease_id: Uuid,
+    pub rows: Vec<LeaseCharge<'a>>,
+}
+
+/// Writes the rows of predictions admitted on leases, and moves what they
+/// kept out of held: per lease, one statement inside one call (so a batch's
+/// charges cost one round trip). `leases` must be in the batch's lock order
+/// (by user). Rows already written (a batch retried after a commit whose
+/// answer was lost) are skipped. Per lease, `false` when it is no longer
+/// open (expired): nothing is written for it. It changes no indexed column
+/// (renewal is the renewer's), so both updates are HOT: no index entries
+/// per batch.
+pub async fn charge_leases(
     c: &deadpool_postgres::Transaction<'_>,
-    user_id: i64,
-    lease_id: Uuid,
-    charges: &[LeaseCharge<'_>],
-) -> Result<bool, tokio_postgres::Error> {
-    let stmt = c.prepare_cached(CHARGE_LEASE_SQL).await?;
-    let ids: Vec<Uuid> = charges.iter().map(|c| c.id).collect();
-    let amounts: Vec<i64> = charges.iter().map(|c| c.amount).collect();
-    let kinds: Vec<&str> = charges.iter().map(|c| c.kind).collect();
-    let rids: Vec<&str> = charges.iter().map(|c| c.request_id).collect();
-    let cfs: Vec<&str> = charges.iter().map(|c| c.chatflow_id).collect();
+    leases: &[LeaseCharges<'_>],
+) -> Result<Vec<bool>, StoreError> {
+    let stmt = c.prepare_cached(CHARGE_LEASES_SQL).await?;
+    let users: Vec<i64> = leases.iter().map(|l| l.user_id).collect();
+    let ids_of_leases: Vec<Uuid> = leases.iter().map(|l| l.lease_id).collect();
+    let ends: Vec<i32> = leases
+        .iter()
+        .scan(0i32, |end, l| {
+            *end += i32::try_from(l.rows.len()).unwrap_or(i32::MAX);
+            Some(*end)
+        })
+        .collect();
+    let rows = || leases.iter().flat_map(|l| l.rows.iter());
+    let ids: Vec<Uuid> = rows().map(|c| c.id).collect();
+    let amounts: Vec<i64> = rows().map(|c| c.amount).collect();
+    let kinds: Vec<&str> = rows().map(|c| c.kind).collect();
+    let rids: Vec<&str> = rows().map(|c| c.request_id).collect();
+    let cfs: Vec<&str> = rows().map(|c| c.chatflow_id).collect();
     let row = c
         .query_one(
             &stmt,
-            &[&user_id, &lease_id, &ids, &amounts, &kinds, &rids, &cfs],
+            &[
+                &users,
+                &ids_of_leases,
+                &ends,
+                &ids,
+                &amounts,
+                &kinds,
+                &rids,
+                &cfs,
+            ],
         )
         .await?;
-    Ok(row.get::<_, i64>(0) > 0)
+    let open: Vec<bool> = row.try_get(0)?;
+    if open.len() != leases.len() {
+        // The batch is rolled back and retried rather than settled on a
+        // guess.
+        return Err(StoreError::Unavailable(format!(
+            "charge_leases answered for {} leases, asked for {}",
+            open.len(),
+            leases.len()
+        )));
+    }
+    Ok(open)
 }
 
 /// Gives back part of an open lease (`Some(amount)`, at most its open
