@@ -18,6 +18,11 @@
 -- of the row arrays. Returns, per group, whether its lease was open (false:
 -- nothing written for it).
 --
+-- Rows are read by subscript, not by slicing the arrays: PL/pgSQL keeps
+-- array arguments deconstructed, where an element costs the same whatever
+-- the array's length, but a slice flattens the whole array again (a batch
+-- of n leases would cost n copies of every array).
+--
 -- The replay guard's `OFFSET 0` keeps it a per-row look-up on
 -- ledger_hold_kind (hold_id, kind): without it the generic plan turned it
 -- into an anti join over every ledger row of the user.
@@ -40,10 +45,11 @@ BEGIN
         v_lease := p_lease[v_group];
         v_last := p_end[v_group];
         WITH x AS (
-            SELECT * FROM unnest(p_id[v_first:v_last], p_amount[v_first:v_last],
-                                 p_kind[v_first:v_last], p_rid[v_first:v_last],
-                                 p_cf[v_first:v_last])
-                AS x(id, amount, kind, rid, cf)
+            SELECT * FROM (
+                SELECT p_id[i] AS id, p_amount[i] AS amount, p_kind[i] AS kind,
+                       p_rid[i] AS rid, p_cf[i] AS cf
+                FROM generate_series(v_first, v_last) AS i
+            ) AS x
             WHERE NOT EXISTS (SELECT 1 FROM ledger
                               WHERE ledger.hold_id = x.id AND ledger.kind = x.kind
                                 AND ledger.user_id = v_user
