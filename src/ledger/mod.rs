@@ -938,7 +938,8 @@ impl Ledger {
     /// they are ordered by user (a stable sort: a lease's rows stay before
     /// its close), so that concurrent batches of other instances lock
     /// accounts in the same order (no deadlock). A lease's consecutive rows
-    /// go in one statement. Every statement is guarded (`state = 'open'`,
+    /// go in one statement, and consecutive leases' statements in one call
+    /// (`charge_leases`). Every statement is guarded (`state = 'open'`,
     /// rows already written skipped), so a retried batch is harmless.
     async fn write_batch(&self, mut batch: Vec<Job>) -> Result<(), (StoreError, Vec<Job>)> {
         // Bindings last (one statement for all): a lease's charges are then
