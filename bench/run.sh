@@ -110,12 +110,30 @@ RESULTS="${RESULTS:-$WORK/results.tsv}"
 : >"$RESULTS"
 DB="fp_bench_$$"
 PIDS=()
+# Alive and not a zombie (an exited child stays a zombie until waited for).
+running() {
+    [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
 cleanup() {
     # SIGINT: Pingora exits at once (SIGTERM waits out its grace period) and
     # nginx shuts down fast; the double has no handler of its own, and a
     # background job of a script ignores SIGINT, so it gets SIGTERM.
     for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
     [ -z "${DOUBLE_PID:-}" ] || kill -TERM "$DOUBLE_PID" 2>/dev/null || true
+    # A server still running 10 s later is killed: a leftover takes CPU from
+    # whatever runs next on this machine (seen once: the bare Pingora of a
+    # finished run spinning on a whole core for minutes).
+    local _ p left
+    for _ in $(seq 1 100); do
+        left=""
+        for p in "${PIDS[@]}"; do running "$p" && left="$left $p"; done
+        [ -z "$left" ] && break
+        sleep 0.1
+    done
+    for p in $left; do
+        log "pid $p still running after 10 s: killed"
+        kill -KILL "$p" 2>/dev/null || true
+    done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ -n "${KEEP:-}" ]; then
         log "KEEP: database $DB and $WORK left for inspection"
@@ -392,6 +410,11 @@ ENV
     exit 0
 fi
 
+# Servers of an earlier run still alive take CPU from this one: say so.
+for p in $(pgrep -f 'examples/(bare_pingora|flowise_double)|flowise-proxy serve' || true); do
+    case " ${PIDS[*]} " in *" $p "*) continue ;; esac
+    log "warning: pid $p ($(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c1-80)) is not this run's: it may skew the figures"
+done
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "$REPS × $DURATION per scenario and server, $THREADS wrk threads, $CONNECTIONS connections"
 servers=($SERVERS)
