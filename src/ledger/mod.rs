@@ -240,8 +240,26 @@ enum Written {
 enum Statement {
     /// Consecutive groups of lease charges: one call.
     Charges(std::ops::Range<usize>),
-    /// A settle or a close.
-    One(usize),
+    /// An exact hold's capture or void (group `g`).
+    Settle {
+        g: usize,
+        user_id: i64,
+        hold_id: Uuid,
+        kind: SettleKind,
+        amount: i64,
+    },
+    /// A lease's close (group `g`).
+    Close { g: usize, user_id: i64, lease: Uuid },
+}
+
+impl Statement {
+    /// The groups it writes.
+    fn groups(&self) -> std::ops::Range<usize> {
+        match self {
+            Statement::Charges(run) => run.clone(),
+            Statement::Settle { g, .. } | Statement::Close { g, .. } => *g..*g + 1,
+        }
+    }
 }
 
 /// One lease's charges, from its group of jobs.
@@ -994,7 +1012,27 @@ impl Ledger {
                     run.end = g + 1
                 }
                 (Work::Charge { .. }, _) => statements.push(Statement::Charges(g..g + 1)),
-                _ => statements.push(Statement::One(g)),
+                (
+                    Work::Settle {
+                        hold_id,
+                        kind,
+                        amount,
+                    },
+                    _,
+                ) => statements.push(Statement::Settle {
+                    g,
+                    user_id: batch[start].user_id,
+                    hold_id: *hold_id,
+                    kind: *kind,
+                    amount: *amount,
+                }),
+                (Work::Close { lease }, _) => statements.push(Statement::Close {
+                    g,
+                    user_id: batch[start].user_id,
+                    lease: *lease,
+                }),
+                // Not in `groups`: written in one statement after.
+                (Work::Bind { .. }, _) => {}
             }
         }
         let tx = &txn;
@@ -1010,35 +1048,26 @@ impl Ledger {
                         .await
                         .map(|open| open.into_iter().map(Written::Charged).collect())
                 }
-                Statement::One(g) => {
-                    let job = &batch[groups[*g].0];
-                    let one = match &job.work {
-                        Work::Settle {
-                            hold_id,
-                            kind,
-                            amount,
-                        } => sql::settle(tx, job.user_id, *hold_id, *kind, *amount)
-                            .await
-                            .map(Written::Settled)?,
-                        Work::Close { lease } => {
-                            sql::release_lease(tx, job.user_id, *lease, None, false).await?;
-                            Written::Closed
-                        }
-                        // Charges go in runs; bindings in one statement after.
-                        Work::Charge { .. } | Work::Bind { .. } => Written::Bound,
-                    };
-                    Ok(vec![one])
+                &Statement::Settle {
+                    user_id,
+                    hold_id,
+                    kind,
+                    amount,
+                    ..
+                } => {
+                    let settled = sql::settle(tx, user_id, hold_id, kind, amount).await?;
+                    Ok(vec![Written::Settled(settled)])
+                }
+                &Statement::Close { user_id, lease, .. } => {
+                    sql::release_lease(tx, user_id, lease, None, false).await?;
+                    Ok(vec![Written::Closed])
                 }
             }
         }))
         .await;
         let mut by_job = vec![Written::Bound; batch.len()];
         for (statement, w) in statements.iter().zip(written) {
-            let run = match statement {
-                Statement::Charges(run) => run.clone(),
-                Statement::One(g) => *g..*g + 1,
-            };
-            for (&(start, end), w) in groups[run].iter().zip(w?) {
+            for (&(start, end), w) in groups[statement.groups()].iter().zip(w?) {
                 for slot in &mut by_job[start..end] {
                     *slot = w;
                 }

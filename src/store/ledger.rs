@@ -170,11 +170,14 @@ pub async fn charge_leases(
     let stmt = c.prepare_cached(CHARGE_LEASES_SQL).await?;
     let users: Vec<i64> = leases.iter().map(|l| l.user_id).collect();
     let ids_of_leases: Vec<Uuid> = leases.iter().map(|l| l.lease_id).collect();
+    // Where each lease's rows end in the row arrays (a batch holds at most
+    // `SETTLE_BATCH` rows, far below i32::MAX).
+    let mut end = 0usize;
     let ends: Vec<i32> = leases
         .iter()
-        .scan(0i32, |end, l| {
-            *end += i32::try_from(l.rows.len()).unwrap_or(i32::MAX);
-            Some(*end)
+        .map(|l| {
+            end += l.rows.len();
+            i32::try_from(end).unwrap_or(i32::MAX)
         })
         .collect();
     let rows = || leases.iter().flat_map(|l| l.rows.iter());
