@@ -24,6 +24,8 @@ WORKDIR /src
 #    rebuilt only when Cargo.toml or Cargo.lock change, so a change to src/
 #    compiles flowise-proxy alone, not its ~300 dependencies.
 COPY Cargo.toml Cargo.lock ./
+# Patched dependencies ([patch.crates-io] in Cargo.toml; vendor/README.md).
+COPY vendor ./vendor
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && cargo build --release --locked \

@@ -98,7 +98,10 @@ where
             REFUSING.fetch_sub(1, Ordering::AcqRel);
             return None;
         };
-        self.serve(stream, accepted, shutdown).await;
+        // Spawns made while serving this connection (Pingora's watcher of
+        // each upstream connection it pools) stay on this thread: see
+        // `crate::upstream::worker_pool_key` and vendor/README.md.
+        pingora_runtime::with_local_spawns(self.serve(stream, accepted, shutdown)).await;
         None
     }
 

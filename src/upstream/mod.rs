@@ -69,6 +69,26 @@ pub struct Upstreams {
     pub connector: pingora_core::connectors::http::Connector,
 }
 
+/// Which idle upstream connections a worker thread may take: its own.
+///
+/// Pingora keeps one pool of idle upstream connections for all worker
+/// threads (one single-threaded runtime each, `work_stealing: false`), but a
+/// connection stays registered with the reactor of the thread that opened it.
+/// Taken by the other thread, each of its reads came through that reactor
+/// and a cross-thread wake-up. With the thread in the pool key
+/// (`HttpPeer::group_key`, which only separates pools) a connection is opened
+/// and reused on one thread; its idle watcher stays there too
+/// (`pingora_runtime::with_local_spawns`, vendor/README.md). The cost: idle
+/// connections to Flowise are kept per thread.
+fn worker_pool_key() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    KEY.with(|k| *k)
+}
+
 /// The chosen Flowise server for one request.
 pub struct Chosen {
     pub peer: HttpPeer,
@@ -180,6 +200,7 @@ impl Upstreams {
         peer.options.read_timeout = Some(self.read_timeout);
         peer.options.write_timeout = Some(self.connect_timeout.max(Duration::from_secs(30)));
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.group_key = worker_pool_key();
         Some(Chosen { peer, index })
     }
 
