@@ -11,7 +11,8 @@
 //!              ├─ prediction?     predict.rs: seed body read (≤ 64 KiB),
 //!              │                  conversation checked, ledger hold (402 / 503)
 //!              └─ Flowise route?  flowise_route.rs: ownership, rebuilt query
-//!        upstream_peer ─▶ upstream/ healthy Flowise not yet tried (pooled)
+//!        upstream_peer ─▶ upstream/ healthy Flowise not yet tried (pooled,
+//!                           one pool per worker thread)
 //!      fail_to_connect ─▶ refused before any byte was sent: next server
 //! upstream_request_filter ─▶ strip credentials + hop-by-hop, Flowise key,
 //!                           rewritten path, seed body length
