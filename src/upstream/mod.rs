@@ -307,3 +307,59 @@ pub struct ForwardMeta<'a> {
     pub request_id: &'a str,
     pub client_ip: Option<&'a str>,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::thread::{self, ThreadId};
+    use std::time::Duration;
+
+    use pingora_runtime::{current_handle, with_local_spawns, Runtime};
+
+    #[test]
+    fn each_worker_thread_has_its_own_pool_key() {
+        let here = super::worker_pool_key();
+        assert_eq!(here, super::worker_pool_key());
+        let there = thread::spawn(super::worker_pool_key)
+            .join()
+            .expect("thread");
+        assert_ne!(here, there);
+    }
+
+    /// Pingora spawns each pooled connection's idle watcher with
+    /// `current_handle()`: inside `with_local_spawns` that is the calling
+    /// thread every time; outside it, a random thread of the pool
+    /// (vendor/README.md).
+    #[test]
+    fn spawns_in_the_local_scope_stay_on_the_calling_thread() {
+        async fn spawned_on() -> ThreadId {
+            current_handle()
+                .spawn(async { thread::current().id() })
+                .await
+                .expect("spawned task")
+        }
+        let rt = Runtime::new_no_steal(4, "local-spawns");
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.get_handle().spawn(async move {
+            let here = thread::current().id();
+            let mut inside = Vec::new();
+            with_local_spawns(async {
+                for _ in 0..32 {
+                    inside.push(spawned_on().await);
+                }
+            })
+            .await;
+            let mut outside = Vec::new();
+            for _ in 0..64 {
+                outside.push(spawned_on().await);
+            }
+            let _ = tx.send((here, inside, outside));
+        });
+        let (here, inside, outside) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the test task answers");
+        rt.shutdown_timeout(Duration::from_secs(5));
+        assert!(inside.iter().all(|t| *t == here), "{inside:?}");
+        // 64 random picks of 4 threads all landing here: (1/4)^64.
+        assert!(outside.iter().any(|t| *t != here), "{outside:?}");
+    }
+}
