@@ -3,6 +3,7 @@
 
 mod access;
 mod access_log;
+mod allocator;
 mod api;
 mod app;
 mod auth;
@@ -23,23 +24,5 @@ mod upstream;
 mod validate;
 
 fn main() {
-    keep_large_allocations_mapped();
     std::process::exit(cli::main());
 }
-
-/// Every password check allocates argon2's 19 MiB. After the first such block
-/// is freed, glibc raises its mmap threshold above it and from then on keeps
-/// these blocks in its per-thread arenas: RSS ratcheted up to 170 MB after
-/// 80 logins. A fixed threshold keeps large blocks mapped on their own and
-/// returned to the system when freed (back to ~13 MB).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_large_allocations_mapped() {
-    // SAFETY: mallopt only tunes the allocator; this runs first in main,
-    // before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_large_allocations_mapped() {}

@@ -513,7 +513,7 @@ impl SnapshotStore {
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(async {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = tokio::task::spawn_blocking(trim_heap).await;
+                let _ = tokio::task::spawn_blocking(crate::allocator::give_back).await;
             });
         }
         Ok(())
@@ -758,17 +758,6 @@ impl SnapshotStore {
         }
     }
 }
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim_heap() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}
 
 impl Default for SnapshotStore {
     fn default() -> Self {

@@ -1,9 +1,9 @@
 //! Giving memory back to the system after many connections close.
 //!
 //! Each open connection costs the proxy tens of kilobytes (task, buffers).
-//! When thousands close, glibc keeps the freed memory in its arenas: 5,000
-//! idle connections took RSS from 13 MB to 204 MB, and it stayed there.
-//! `malloc_trim(0)` hands the free pages of every arena back; it runs when
+//! When thousands close, the allocator may keep the freed memory (with
+//! glibc: 5,000 idle connections took RSS from 13 MB to 204 MB, and it
+//! stayed there). `allocator::give_back` hands free pages back; it runs when
 //! the number of open connections has dropped by `TRIM_AFTER_CLOSED` since the
 //! last high-water mark, so a steady load never pays for it.
 
@@ -31,7 +31,7 @@ pub async fn run_trimmer() {
         if high >= open + TRIM_AFTER_CLOSED {
             HIGH_WATER.store(open, Ordering::Relaxed);
             let before = rss_kib();
-            trim();
+            crate::allocator::give_back();
             log::info!(
                 "{} client connections closed: freed memory returned to the system (RSS {} KiB -> {} KiB)",
                 high - open,
@@ -41,17 +41,6 @@ pub async fn run_trimmer() {
         }
     }
 }
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
 
 /// The process's resident set (VmRSS), in KiB.
 fn rss_kib() -> Option<u64> {
