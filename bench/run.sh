@@ -266,7 +266,9 @@ fi
 # --- users -----------------------------------------------------------------------
 log "creating $USERS users..."
 start=$(date +%s)
-bash bench/make-users.sh "$PROXY_URL" "$CHATFLOW" "$USERS" "$WORK/tokens.txt"
+# The binary under test creates the admin (and so migrates the database to
+# its own schema), not the tree's build.
+BIN="$BIN" bash bench/make-users.sh "$PROXY_URL" "$CHATFLOW" "$USERS" "$WORK/tokens.txt"
 log "users ready in $(( $(date +%s) - start )) s"
 
 # --- measuring -------------------------------------------------------------------

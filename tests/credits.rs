@@ -390,7 +390,7 @@ async fn a_database_outage_refuses_debited_requests_and_recovers() {
         .await,
         "every prediction charged once: {:?}\n{}",
         db.query(
-            "SELECT kind, delta_available, delta_held FROM ledger ORDER BY id",
+            "SELECT kind::text, delta_available, delta_held FROM ledger ORDER BY id",
             &[]
         )
         .await
@@ -688,5 +688,53 @@ async fn one_call_charges_each_lease_of_a_batch_once() {
     assert_eq!((w.balance(a).await, w.balance(b).await), after);
     assert_eq!(rows_on(lease_a).await, 3);
     assert_eq!(rows_on(lease_b).await, 3);
+    w.assert_books_balance().await;
+}
+
+/// The books refuse what no code path may write, whatever the statement:
+/// an unknown ledger kind or hold state (enumerated types since migration
+/// V10, which dropped their per-statement CHECKs), a hold captured beyond
+/// its amount, a negative balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_books_refuse_impossible_rows() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("guards", 5, FLOW).await;
+    let r = predict(&w, &token, json!({"question": "one"})).await;
+    assert_eq!(r.status(), 200);
+    let db = w.db.client().await;
+    let refused = |sql: &'static str| {
+        let db = &db;
+        async move {
+            db.execute(sql, &[&uid])
+                .await
+                .expect_err(&format!("the database took: {sql}"))
+                .code()
+                .cloned()
+        }
+    };
+    use tokio_postgres::error::SqlState;
+    assert_eq!(
+        refused(
+            "INSERT INTO ledger (user_id, kind, delta_available, delta_held) VALUES ($1, 'gift', 5, 0)"
+        )
+        .await,
+        Some(SqlState::INVALID_TEXT_REPRESENTATION),
+        "an unknown ledger kind"
+    );
+    assert_eq!(
+        refused("UPDATE holds SET state = 'forgotten' WHERE user_id = $1").await,
+        Some(SqlState::INVALID_TEXT_REPRESENTATION),
+        "an unknown hold state"
+    );
+    assert_eq!(
+        refused("UPDATE holds SET captured = amount + 1 WHERE user_id = $1").await,
+        Some(SqlState::CHECK_VIOLATION),
+        "a hold captured beyond what it holds"
+    );
+    assert_eq!(
+        refused("UPDATE accounts SET available = available - 1000 WHERE user_id = $1").await,
+        Some(SqlState::CHECK_VIOLATION),
+        "a negative balance"
+    );
     w.assert_books_balance().await;
 }

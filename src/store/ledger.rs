@@ -72,7 +72,7 @@ const RELEASE_LEASE_SQL: &str = "WITH cur AS (
              SELECT r FROM h";
 
 const SETTLE_SQL: &str = "WITH h AS (
-                UPDATE holds SET state = $2, captured = LEAST($3, amount), settled_at = now()
+                UPDATE holds SET state = $2::text::hold_state, captured = LEAST($3, amount), settled_at = now()
                 WHERE user_id = $5 AND hold_id = $1 AND state = 'open'
                 RETURNING user_id, amount, LEAST($3, amount) AS kept, request_id, chatflow_id
              ), a AS (
@@ -81,7 +81,7 @@ const SETTLE_SQL: &str = "WITH h AS (
                 FROM h WHERE accounts.user_id = h.user_id
              ), l AS (
                 INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, request_id, chatflow_id)
-                SELECT user_id, $4, amount - kept, -amount, $1, request_id, chatflow_id FROM h
+                SELECT user_id, $4::text::ledger_kind, amount - kept, -amount, $1, request_id, chatflow_id FROM h
              )
              SELECT kept, amount FROM h";
 
@@ -427,7 +427,7 @@ pub async fn adjust(
         .query_opt(
             "WITH l AS (
                 INSERT INTO ledger (user_id, kind, delta_available, delta_held, idempotency_key, reason, actor_id)
-                SELECT $1, $3, $2, 0, $4, $5, $6 FROM accounts WHERE user_id = $1
+                SELECT $1, $3::text::ledger_kind, $2, 0, $4, $5, $6 FROM accounts WHERE user_id = $1
                 ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING delta_available
              )
@@ -484,7 +484,7 @@ pub async fn ledger_page(
     let c = db.get().await?;
     let rows = c
         .query(
-            "SELECT id, kind, delta_available, delta_held, request_id, idempotency_key, chatflow_id,
+            "SELECT id, kind::text, delta_available, delta_held, request_id, idempotency_key, chatflow_id,
                     reason, actor_id, created_at
              FROM ledger WHERE user_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
             &[&user_id, &limit, &offset],

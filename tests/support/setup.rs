@@ -239,7 +239,7 @@ impl World {
             .client()
             .await
             .query_one(
-                "SELECT count(*) FROM ledger WHERE user_id = $1 AND kind = $2",
+                "SELECT count(*) FROM ledger WHERE user_id = $1 AND kind::text = $2",
                 &[&user_id, &kind],
             )
             .await
