@@ -80,7 +80,14 @@ mod workers {
                 Err(_) => return,
             };
             match job {
-                Ok(job) => job(),
+                Ok(job) => {
+                    job();
+                    // The job's 19 MiB went back to the allocator; hand it
+                    // to the system now. mimalloc would only purge it on its
+                    // next allocation, and these threads sleep between
+                    // logins: 80 logins left RSS at 57 MB instead of 16 MB.
+                    crate::allocator::give_back();
+                }
                 Err(_) => return,
             }
         }
