@@ -35,10 +35,14 @@ const OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 /// makes before `main` (set from `main`, the option came too late: RSS
 /// stayed at 66 MB). So this runs as an ELF constructor (`.init_array`),
 /// like mimalloc's own initialisation.
+/// ELF only; elsewhere (a developer's macOS build) mimalloc keeps its
+/// defaults.
+#[cfg(target_os = "linux")]
 #[used]
 #[link_section = ".init_array"]
 static CONFIGURE_BEFORE_MAIN: extern "C" fn() = configure;
 
+#[cfg(target_os = "linux")]
 extern "C" fn configure() {
     // SAFETY: mi_option_set only stores an option value; constructors run
     // before any other thread exists.

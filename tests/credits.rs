@@ -702,39 +702,36 @@ async fn the_books_refuse_impossible_rows() {
     let r = predict(&w, &token, json!({"question": "one"})).await;
     assert_eq!(r.status(), 200);
     let db = w.db.client().await;
-    let refused = |sql: &'static str| {
-        let db = &db;
-        async move {
-            db.execute(sql, &[&uid])
-                .await
-                .expect_err(&format!("the database took: {sql}"))
-                .code()
-                .cloned()
-        }
-    };
     use tokio_postgres::error::SqlState;
-    assert_eq!(
-        refused(
-            "INSERT INTO ledger (user_id, kind, delta_available, delta_held) VALUES ($1, 'gift', 5, 0)"
-        )
-        .await,
-        Some(SqlState::INVALID_TEXT_REPRESENTATION),
-        "an unknown ledger kind"
-    );
-    assert_eq!(
-        refused("UPDATE holds SET state = 'forgotten' WHERE user_id = $1").await,
-        Some(SqlState::INVALID_TEXT_REPRESENTATION),
-        "an unknown hold state"
-    );
-    assert_eq!(
-        refused("UPDATE holds SET captured = amount + 1 WHERE user_id = $1").await,
-        Some(SqlState::CHECK_VIOLATION),
-        "a hold captured beyond what it holds"
-    );
-    assert_eq!(
-        refused("UPDATE accounts SET available = available - 1000 WHERE user_id = $1").await,
-        Some(SqlState::CHECK_VIOLATION),
-        "a negative balance"
-    );
+    let impossible = [
+        (
+            "an unknown ledger kind",
+            "INSERT INTO ledger (user_id, kind, delta_available, delta_held) VALUES ($1, 'gift', 5, 0)",
+            SqlState::INVALID_TEXT_REPRESENTATION,
+        ),
+        (
+            "an unknown hold state",
+            "UPDATE holds SET state = 'forgotten' WHERE user_id = $1",
+            SqlState::INVALID_TEXT_REPRESENTATION,
+        ),
+        (
+            "a hold captured beyond what it holds",
+            "UPDATE holds SET captured = amount + 1 WHERE user_id = $1",
+            SqlState::CHECK_VIOLATION,
+        ),
+        (
+            "a negative balance",
+            "UPDATE accounts SET available = available - 1000 WHERE user_id = $1",
+            SqlState::CHECK_VIOLATION,
+        ),
+    ];
+    for (what, sql, refusal) in impossible {
+        let taken = db.execute(sql, &[&uid]).await;
+        assert_eq!(
+            taken.as_ref().err().and_then(|e| e.code()),
+            Some(&refusal),
+            "{what}: {sql} gave {taken:?}"
+        );
+    }
     w.assert_books_balance().await;
 }
