@@ -735,3 +735,101 @@ async fn the_books_refuse_impossible_rows() {
     }
     w.assert_books_balance().await;
 }
+
+/// The settlement's lease charges are never compiled by PostgreSQL's JIT,
+/// whatever the planner estimates. Where the ledger has no statistics
+/// (autovacuum off, or a large import not yet analyzed) the charge
+/// statement's estimate grows with the table and crosses `jit_above_cost`:
+/// each lease of each batch then cost ~12 ms of compiling
+/// (`bench/charge_leases.sh`: 1.5 s per batch of 100 leases on a 2.4
+/// million-row ledger, 8 ms with JIT off). Here the session's
+/// `jit_above_cost = 0` makes every plan qualify, and auto_explain reports
+/// each statement the function runs, with a `JIT:` section when it was
+/// compiled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlement_charges_are_never_jit_compiled() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("jit", 5, FLOW).await;
+    let r = predict(&w, &token, json!({"question": "one"})).await;
+    assert_eq!(r.status(), 200);
+
+    let (client, mut conn) = tokio_postgres::connect(&w.db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_string());
+            }
+        }
+    });
+    let jit: bool = client
+        .query_one("SELECT pg_jit_available()", &[])
+        .await
+        .expect("pg_jit_available")
+        .get(0);
+    assert!(
+        jit,
+        "this PostgreSQL server has no JIT (llvmjit): this test cannot tell"
+    );
+    client
+        .batch_execute(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_level = notice;
+             SET client_min_messages = notice;
+             SET jit_above_cost = 0;
+             BEGIN",
+        )
+        .await
+        .expect("session settings");
+    let lease: uuid::Uuid = client
+        .query_one(
+            "SELECT hold_id FROM holds WHERE user_id = $1 AND lease ORDER BY created_at DESC LIMIT 1",
+            &[&uid],
+        )
+        .await
+        .expect("the user's lease")
+        .get(0);
+    // A batch of one zero-credit row, as the settlement writes it; rolled
+    // back below, so the books do not change.
+    let row = uuid::Uuid::new_v4();
+    client
+        .query_one(
+            "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &vec![uid],
+                &vec![lease],
+                &vec![1i32],
+                &vec![row],
+                &vec![0i64],
+                &vec!["void"],
+                &vec!["jit-test"],
+                &vec![FLOW],
+            ],
+        )
+        .await
+        .expect("charge_leases");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    // The notices of the call arrive before its answer; the ROLLBACK's
+    // answer came after them on the same connection.
+    drop(client);
+    let mut plans = Vec::new();
+    while let Some(n) = notices.recv().await {
+        plans.push(n);
+    }
+    let charge_plan = plans
+        .iter()
+        .find(|p| p.contains("INSERT INTO ledger"))
+        .unwrap_or_else(|| {
+            panic!("auto_explain showed no plan of the charge statement: {plans:#?}")
+        });
+    assert!(
+        !charge_plan.contains("JIT:"),
+        "the charge statement was compiled by JIT:\n{charge_plan}"
+    );
+    w.assert_books_balance().await;
+}

@@ -993,14 +993,8 @@ impl Ledger {
         }
         let mut c = self.db.get().await?;
         let txn = c.transaction().await?;
-        // PostgreSQL kept planning the lease-charge statement afresh on
-        // every execution (its generic plan's estimate, an unnest of unknown
-        // length, never beat the custom plans'): ~100 us of planning per
-        // statement, as much as executing it, at one statement per lease and
-        // batch. Its generic plan is the good one (index look-ups by user
-        // and id), so this batch uses generic plans.
-        txn.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await?;
+        // The lease-charge function keeps its generic plan and runs without
+        // JIT by its own settings (migrations V11): no statement for it here.
         sql::prepare_settlement(&txn).await?;
         // One statement per settle and per close; each run of consecutive
         // lease-charge groups (the usual batch: most of it) is one call
