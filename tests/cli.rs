@@ -263,3 +263,39 @@ fn missing_database_url_says_where_it_looked() {
     assert!(all.contains("DATABASE_URL is not set"), "{all}");
     assert!(all.contains(".local/flowise-proxy.env"), "{all}");
 }
+
+/// A binary older than the database's schema (a rollback, or an old
+/// instance restarting during a rolling upgrade) refuses to start and says
+/// why, instead of running on a schema it was not written for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_binary_refuses_a_newer_schema_and_says_so() {
+    let db = support::pg::fresh_db().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("JWT_SECRET_KEY", SECRET),
+    ];
+    let out = run(dir.path(), &["migrate"], &env, None);
+    assert!(out.status.success(), "{}", text(&out));
+    // What a later version's migration leaves behind.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO flowise_proxy_migrations (version, name, applied_on, checksum)
+             SELECT 9999, 'from_the_future', applied_on, '0'
+             FROM flowise_proxy_migrations ORDER BY version DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("record a newer migration");
+    for args in [&["migrate"][..], &["serve"][..]] {
+        let out = run(dir.path(), args, &env, None);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        let said = text(&out);
+        assert!(
+            said.contains("migrated by a newer flowise-proxy")
+                && said.contains("V9999__from_the_future"),
+            "{args:?}: {said}"
+        );
+    }
+}

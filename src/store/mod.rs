@@ -212,7 +212,16 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, String> {
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&LOCK])
         .await;
-    let report = result.map_err(|e| format!("migrate: {e}"))?;
+    let report = result.map_err(|e| match e.kind() {
+        // Migrations only go forward, and a schema is not promised to work
+        // with the code before it (V10 changed column types): an older
+        // binary refuses to run rather than write what the schema rejects.
+        refinery::error::Kind::MissingVersion(m) => format!(
+            "migrate: the database was migrated by a newer flowise-proxy: it has migration {m}, \
+             which this version does not know. Run that version or a later one (migrations only go forward)"
+        ),
+        _ => format!("migrate: {e}"),
+    })?;
     Ok(report
         .applied_migrations()
         .iter()
