@@ -355,3 +355,68 @@ async fn a_stalled_log_reader_never_blocks_requests() {
         "logging resumes"
     );
 }
+
+/// A client that goes away before its answer is the client's doing: the
+/// access log records the request, the error log has no line for it (one
+/// ERROR line per closed browser tab drowns the real ones). A Flowise
+/// failure still is an ERROR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_walking_away_is_no_error_in_the_log() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::start().await;
+    let (user, token) = w.user_with("leaver", 10, FLOW).await;
+    w.flowise.set_fail(Fail::Hang);
+    let body = r#"{"question":"hi"}"#;
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", w.proxy.port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "POST {} HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        prediction_path(),
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.expect("write");
+    assert!(
+        support::wait_until(Duration::from_secs(20), || async {
+            w.flowise
+                .requests()
+                .iter()
+                .any(|r| r.path.contains("/prediction/"))
+        })
+        .await,
+        "the prediction never reached Flowise"
+    );
+    drop(conn);
+    let logged = format!("\"user_id\":{user}");
+    assert!(
+        w.proxy
+            .wait_for_stdout(|l| l.contains(&logged), Duration::from_secs(20))
+            .await,
+        "no access log line for the request whose client went away:\n{}",
+        w.proxy.output_dump()
+    );
+
+    // A Flowise failure afterwards is logged: once its line is there, any
+    // line about the client's request (written earlier) is there too.
+    w.flowise.set_fail(Fail::None);
+    w.flowise.stop().await;
+    assert_eq!(w.get("/api/v1/ping", &token).await.status(), 502);
+    assert!(
+        w.proxy
+            .wait_for_stderr(|l| l.contains("Fail to proxy"), Duration::from_secs(20))
+            .await,
+        "a Flowise failure is no longer logged:\n{}",
+        w.proxy.output_dump()
+    );
+    let about_the_client: Vec<String> = w
+        .proxy
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("Downstream"))
+        .collect();
+    assert!(
+        about_the_client.is_empty(),
+        "the client's leaving was logged as an error: {about_the_client:#?}"
+    );
+}

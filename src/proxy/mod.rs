@@ -21,7 +21,8 @@
 //!      response_filter ─▶ answer.rs: header policy, error mapping, credits headers
 //! response_body_filter ─▶ answer.rs: bytes out as they come; streams observed,
 //!                           own-route answers rewritten
-//!        fail_to_proxy ─▶ contract JSON errors (413 / 403 / 502 / 504 …)
+//!        fail_to_proxy ─▶ contract JSON errors (413 / 403 / 502 / 504 …);
+//!                           a client that went away is no ERROR line
 //!              logging ─▶ ledger settle (queued, exactly once) · conversation
 //!                           binding · metrics · access log
 //! ```
@@ -158,6 +159,10 @@ impl ProxyHttp for FlowiseProxy {
             error_code: api.map_or(0, |a| a.status),
             can_reuse_downstream: false,
         }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        pipeline::client_caused(e)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {

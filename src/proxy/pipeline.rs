@@ -297,6 +297,16 @@ pub fn proxy_failure(e: &Error, ctx: &mut Ctx) -> Option<ApiError> {
     }
 }
 
+/// Whether a failed request was the client's doing (it went away, or broke
+/// its own request): the access log and the metrics record it, and Pingora's
+/// ERROR line for it is left out, one per closed browser tab would drown
+/// the proxy's real errors. A first-byte timeout surfaces as a client read
+/// error but is Flowise's: it stays.
+pub fn client_caused(e: &Error) -> bool {
+    *e.esource() == pingora_core::ErrorSource::Downstream
+        && !crate::limits::is_first_byte_timeout(e)
+}
+
 fn upstream_failed(e: &Error, ctx: &mut Ctx) -> ApiError {
     let f = UpstreamFailure::from_error(e);
     // Connect failures were counted in `fail_to_connect`, one per attempt.
