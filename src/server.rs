@@ -47,6 +47,9 @@ pub fn run(opt: Opt, cfg: Config) -> Result<(), String> {
     let app = App::new(cfg.clone(), db)?;
     crate::metrics::init();
 
+    // The YAML was read above; given its path again, Pingora would only warn
+    // that it ignores it (an operator reads that as "-c was ignored").
+    let opt = Opt { conf: None, ..opt };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 

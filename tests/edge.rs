@@ -273,6 +273,20 @@ async fn sigterm_drains_in_flight_streams() {
         .await
         .expect("exited");
     assert!(status.success(), "exit status {status:?}");
+    // The whole run's log, read to its end: nothing in it says the settings
+    // file given with -c was ignored (Pingora warned so when handed its path
+    // after the proxy had read it).
+    assert!(
+        w.proxy.wait_output_complete(Duration::from_secs(10)).await,
+        "output not read to the end"
+    );
+    let misleading: Vec<String> = w
+        .proxy
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("Ignoring command line argument"))
+        .collect();
+    assert!(misleading.is_empty(), "{misleading:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
