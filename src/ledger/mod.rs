@@ -994,7 +994,7 @@ impl Ledger {
         let mut c = self.db.get().await?;
         let txn = c.transaction().await?;
         // The lease-charge function keeps its generic plan and runs without
-        // JIT by its own settings (migrations V11): no statement for it here.
+        // JIT by its own settings (migration V11): no statement for it here.
         sql::prepare_settlement(&txn).await?;
         // One statement per settle and per close; each run of consecutive
         // lease-charge groups (the usual batch: most of it) is one call
