@@ -280,12 +280,9 @@ async fn sigterm_drains_in_flight_streams() {
         w.proxy.wait_output_complete(Duration::from_secs(10)).await,
         "output not read to the end"
     );
-    let misleading: Vec<String> = w
+    let misleading = w
         .proxy
-        .stderr_lines()
-        .into_iter()
-        .filter(|l| l.contains("Ignoring command line argument"))
-        .collect();
+        .stderr_lines_containing("Ignoring command line argument");
     assert!(misleading.is_empty(), "{misleading:#?}");
 }
 
@@ -423,12 +420,7 @@ async fn a_client_walking_away_is_no_error_in_the_log() {
         "a Flowise failure is no longer logged:\n{}",
         w.proxy.output_dump()
     );
-    let about_the_client: Vec<String> = w
-        .proxy
-        .stderr_lines()
-        .into_iter()
-        .filter(|l| l.contains("Downstream"))
-        .collect();
+    let about_the_client = w.proxy.stderr_lines_containing("Downstream");
     assert!(
         about_the_client.is_empty(),
         "the client's leaving was logged as an error: {about_the_client:#?}"

@@ -289,8 +289,10 @@ pub fn proxy_failure(e: &Error, ctx: &mut Ctx) -> Option<ApiError> {
         ctx.upstream_failure = Some(UpstreamFailure::Timeout.label());
         return Some(UpstreamFailure::Timeout.api_error());
     }
+    if client_caused(e) {
+        return None;
+    }
     match e.esource() {
-        pingora_core::ErrorSource::Downstream => None,
         pingora_core::ErrorSource::Upstream => Some(upstream_failed(e, ctx)),
         _ if matches!(e.etype(), ErrorType::ConnectNoRoute) => Some(upstream_failed(e, ctx)),
         _ => Some(ApiError::internal()),

@@ -264,6 +264,17 @@ impl ProxyProcess {
         self.stderr.lock().expect("stderr lines mutex").clone()
     }
 
+    /// Captured stderr lines so far that contain `text`.
+    pub fn stderr_lines_containing(&self, text: &str) -> Vec<String> {
+        self.stderr
+            .lock()
+            .expect("stderr lines mutex")
+            .iter()
+            .filter(|l| l.contains(text))
+            .cloned()
+            .collect()
+    }
+
     /// Path of the Pingora YAML conf.
     pub fn conf_path(&self) -> PathBuf {
         self.launch.conf_path.clone()
