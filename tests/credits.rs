@@ -595,6 +595,40 @@ async fn kill_nine_under_load_keeps_the_books_exact() {
 /// batch's order; a lease that is no longer open gets nothing written (its
 /// predictions are logged as late captures); a batch retried after a commit
 /// whose answer was lost writes nothing twice. The books balance throughout.
+/// Ctrl-C (SIGINT) stops an instance at once, not its books: once it has
+/// exited, every answer it gave is charged and its lease is back in the
+/// balance, with nothing left for the hold TTL to clean up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_exits_at_once_with_its_answers_charged() {
+    let w = World::start().await;
+    let (uid, token) = w.user_with("ctrl-c", 10, FLOW).await;
+    for _ in 0..3 {
+        let r = predict(&w, &token, json!({"question": "hi"})).await;
+        assert_eq!(r.status(), 200);
+    }
+    w.proxy.sigint();
+    let status = w
+        .proxy
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the proxy did not exit after SIGINT");
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(w.balance(uid).await, (7, 0), "(available, held) after exit");
+    assert_eq!(w.ledger_rows(uid, "charge").await, 3);
+    w.assert_books_balance().await;
+    assert!(
+        w.proxy.wait_output_complete(Duration::from_secs(10)).await,
+        "output not read to the end"
+    );
+    let spinning = w.proxy.stderr_lines_containing("Accept() failed");
+    assert!(
+        spinning.is_empty(),
+        "{} lines: {:?}",
+        spinning.len(),
+        spinning.first()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_call_charges_each_lease_of_a_batch_once() {
     let w = World::start_with(|o| o.env("CREDIT_LEASE_IDLE_MS", "600000")).await;
