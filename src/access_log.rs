@@ -103,6 +103,7 @@ fn run_writer(shared: &Shared) {
     // One spare buffer per thread's batch, swapped with it: a worker never
     // waits for more than a swap.
     let mut spares: Vec<Vec<u8>> = Vec::new();
+    let mut batches: Vec<Arc<Mutex<Batch>>> = Vec::new();
     loop {
         {
             // `writer_idle` is raised before `PENDING` is read, and a line
@@ -114,8 +115,15 @@ fn run_writer(shared: &Shared) {
             }
             shared.writer_idle.store(false, Ordering::SeqCst);
         }
-        let batches = shared.batches.lock();
-        spares.resize_with(batches.len(), Vec::new);
+        {
+            // The list is held only to copy it: a thread registering its
+            // batch never waits while the writer waits for a swap.
+            let registered = shared.batches.lock();
+            if registered.len() != batches.len() {
+                batches.clone_from(&registered);
+                spares.resize_with(batches.len(), Vec::new);
+            }
+        }
         let mut lines = 0;
         for (batch, spare) in batches.iter().zip(spares.iter_mut()) {
             {
@@ -126,7 +134,6 @@ fn run_writer(shared: &Shared) {
             out.extend_from_slice(spare);
             spare.clear();
         }
-        drop(batches);
         {
             // Whatever is queued goes out in one write.
             let mut stdout = stdout.lock();
