@@ -17,13 +17,11 @@
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use once_cell::sync::Lazy;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 
@@ -105,9 +103,9 @@ fn run_writer(shared: &Shared) {
     let mut spares: Vec<Vec<u8>> = Vec::new();
     let mut batches: Vec<Arc<Mutex<Batch>>> = Vec::new();
     loop {
-        {
-            // `writer_idle` is raised before `PENDING` is read, and a line
-            // reads it after counting itself: no line is left unwoken.
+        if PENDING.load(Ordering::SeqCst) == 0 {
+            // `writer_idle` is raised before `PENDING` is read again, and a
+            // line reads it after counting itself: no line is left unwoken.
             shared.writer_idle.store(true, Ordering::SeqCst);
             let mut wake = shared.wake.lock();
             while PENDING.load(Ordering::SeqCst) == 0 {

@@ -226,20 +226,13 @@ impl ShutdownSignalWatch for DrainingSignals {
             }
             _ = int.recv() => {
                 // Pingora's own fast shutdown stops its runtimes without
-                // waiting; twice here its accept loop kept running on a
-                // stopped runtime instead, logging "Accept() failed … being
-                // shutdown" at ~130 MB/s for minutes. This process exits by
-                // itself, after the books: what it answered is written and
-                // its idle leases go back to the balances (bounded).
+                // waiting; three times here its accept loop kept running on
+                // a stopped runtime instead, logging "Accept() failed …
+                // being shutdown" at ~130 MB/s for minutes. This process
+                // exits by itself, after the books: what it answered is
+                // written and its idle leases go back to the balances.
                 log::info!("SIGINT: writing the settlement queue, then exiting");
-                self.app.ledger.close_all_leases();
-                if !self.app.ledger.drain(SIGINT_BOOKS_LIMIT).await {
-                    log::warn!(
-                        "SIGINT: {} settlement rows not written; their leases and holds expire after HOLD_TTL_SECONDS",
-                        self.app.ledger.pending()
-                    );
-                }
-                crate::access_log::flush(Duration::from_secs(1));
+                write_books(&self.app, SIGINT_BOOKS_LIMIT).await;
                 std::process::exit(0);
             }
         }
@@ -255,8 +248,19 @@ async fn wait_idle(app: &App, limit: Duration) {
     while crate::metrics::IN_FLIGHT.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    write_books(app, Duration::from_secs(10)).await;
+}
+
+/// Closes this instance's idle leases, writes the settlement queue (at most
+/// `limit`) and the access log: the last thing before exiting.
+async fn write_books(app: &App, limit: Duration) {
     app.ledger.close_all_leases();
-    app.ledger.drain(Duration::from_secs(10)).await;
+    if !app.ledger.drain(limit).await {
+        log::warn!(
+            "{} settlement rows not written before exiting; their leases and holds expire after HOLD_TTL_SECONDS",
+            app.ledger.pending()
+        );
+    }
     crate::access_log::flush(Duration::from_secs(2));
 }
 

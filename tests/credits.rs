@@ -590,11 +590,6 @@ async fn kill_nine_under_load_keeps_the_books_exact() {
     assert_eq!(r.status(), 200);
 }
 
-/// A settlement batch charges all of its leases in one database call
-/// (migration V9): each lease gets its own rows and its own answer, in the
-/// batch's order; a lease that is no longer open gets nothing written (its
-/// predictions are logged as late captures); a batch retried after a commit
-/// whose answer was lost writes nothing twice. The books balance throughout.
 /// Ctrl-C (SIGINT) stops an instance at once, not its books: once it has
 /// exited, every answer it gave is charged and its lease is back in the
 /// balance, with nothing left for the hold TTL to clean up.
@@ -629,6 +624,11 @@ async fn sigint_exits_at_once_with_its_answers_charged() {
     );
 }
 
+/// A settlement batch charges all of its leases in one database call
+/// (migration V9): each lease gets its own rows and its own answer, in the
+/// batch's order; a lease that is no longer open gets nothing written (its
+/// predictions are logged as late captures); a batch retried after a commit
+/// whose answer was lost writes nothing twice. The books balance throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_call_charges_each_lease_of_a_batch_once() {
     let w = World::start_with(|o| o.env("CREDIT_LEASE_IDLE_MS", "600000")).await;
