@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # PostgreSQL's cost of one settlement batch's lease charges, alone: the
-# `charge_leases` function (migrations V9-V11) called the way the settlement
-# calls it, without the proxy, with pgbench.
+# `charge_and_close_leases` function (migration V12; `charge_leases`, V9-V11,
+# with an older BENCH_BIN) called the way the settlement calls it, without
+# the proxy, with pgbench.
 #
 #   bash bench/charge_leases.sh
 #
@@ -41,6 +42,15 @@ DB_URL="${BENCH_PG%/*}/$DB"
 psql -q "$BENCH_PG" -c "CREATE DATABASE $DB"
 trap 'psql -q "$BENCH_PG" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
 DATABASE_URL="$DB_URL" "$BIN" migrate >/dev/null
+# The settlement's call: charge_and_close_leases from V12 (no closes here:
+# the charges are what this measures), charge_leases before.
+if [ -n "$(psql -tAq "$DB_URL" -c "SELECT 1 FROM pg_proc WHERE proname = 'charge_and_close_leases'")" ]; then
+    FUNCTION=charge_and_close_leases
+    CLOSE_ARGS="(SELECT array_agg(false) FROM grp), (SELECT array_agg(gen_random_uuid()) FROM grp),"
+else
+    FUNCTION=charge_leases
+    CLOSE_ARGS=""
+fi
 
 psql -q -v ON_ERROR_STOP=1 "$DB_URL" <<SQL
 INSERT INTO users (username, password_hash, role)
@@ -61,10 +71,11 @@ CREATE FUNCTION bench_batch(g int, r int) RETURNS boolean[] LANGUAGE sql AS \$\$
   grp AS (SELECT b.user_id, b.lease_id, i
           FROM s, generate_series(1, g) i, bench_leases b
           WHERE b.user_id = (SELECT min(id) FROM users) + s.first + i - 1)
-  SELECT charge_leases(
+  SELECT $FUNCTION(
     (SELECT array_agg(user_id ORDER BY i) FROM grp),
     (SELECT array_agg(lease_id ORDER BY i) FROM grp),
     (SELECT array_agg(i * r ORDER BY i) FROM grp),
+    $CLOSE_ARGS
     (SELECT array_agg(gen_random_uuid()) FROM generate_series(1, g * r)),
     (SELECT array_agg(1::bigint) FROM generate_series(1, g * r)),
     (SELECT array_agg('charge'::text) FROM generate_series(1, g * r)),
@@ -80,11 +91,11 @@ stats="without statistics"
 script="$(mktemp)"
 # Before V11 the settlement chose the generic plan itself, in the batch's
 # transaction; from V11 the function's own settings do.
-if [ -z "$(psql -tAq "$DB_URL" -c "SELECT proconfig FROM pg_proc WHERE proname = 'charge_leases'")" ]; then
+if [ -z "$(psql -tAq "$DB_URL" -c "SELECT proconfig FROM pg_proc WHERE proname = '$FUNCTION'")" ]; then
     printf 'BEGIN;\nSET LOCAL plan_cache_mode = force_generic_plan;\nSELECT bench_batch(%s, %s);\nCOMMIT;\n' "$LEASES" "$ROWS" >"$script"
 else
     printf 'BEGIN;\nSELECT bench_batch(%s, %s);\nCOMMIT;\n' "$LEASES" "$ROWS" >"$script"
 fi
 latency="$(pgbench -n -c1 -T "$RUN_SECONDS" -f "$script" "$DB_URL" 2>&1 | sed -n 's/^latency average = //p')"
 rm -f "$script"
-echo "charge_leases: $("$BIN" --version 2>/dev/null || echo "$BIN"); ledger of $LEDGER_ROWS rows, $stats; $LEASES leases x $ROWS rows per batch: $latency per batch"
+echo "$FUNCTION: $("$BIN" --version 2>/dev/null || echo "$BIN"); ledger of $LEDGER_ROWS rows, $stats; $LEASES leases x $ROWS rows per batch: $latency per batch"

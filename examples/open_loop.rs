@@ -17,6 +17,11 @@
 //! `RESULT mode=open-loop requests=N secs=S req_per_s=R p50_ms=… p99_ms=…
 //! p999_ms=… errors=E non2xx=M rate=RATE`. Requests still unanswered 5 s
 //! after the end count as errors.
+//!
+//! With `OPEN_LOOP_TIMELINE=FILE` it also writes, per 100 ms of schedule, the
+//! requests due in it and their p99 and worst latency (`offset_ms requests
+//! p99_ms max_ms`): where in a run the slow requests were, to line them up
+//! with what else the machine was doing then.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +31,8 @@ use tokio::time::Instant;
 
 struct Tally {
     latencies_us: Mutex<Vec<u64>>,
+    /// (scheduled offset in ms, latency in µs), for the timeline.
+    timeline: Mutex<Vec<(u64, u64)>>,
     errors: AtomicU64,
     non2xx: AtomicU64,
 }
@@ -67,6 +74,7 @@ async fn main() {
         .expect("HTTP client");
     let tally = Arc::new(Tally {
         latencies_us: Mutex::new(Vec::with_capacity((rate * seconds) as usize + 1)),
+        timeline: Mutex::new(Vec::new()),
         errors: AtomicU64::new(0),
         non2xx: AtomicU64::new(0),
     });
@@ -105,11 +113,18 @@ async fn main() {
                         if !ok {
                             tally.non2xx.fetch_add(1, Ordering::Relaxed);
                         }
+                        let micros = latency.as_micros() as u64;
                         tally
                             .latencies_us
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .push(latency.as_micros() as u64);
+                            .push(micros);
+                        let offset = (scheduled - start).as_millis() as u64;
+                        tally
+                            .timeline
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((offset, micros));
                     }
                     Err(_) => {
                         tally.errors.fetch_add(1, Ordering::Relaxed);
@@ -144,6 +159,12 @@ async fn main() {
         let idx = ((p / 100.0) * lat.len() as f64).ceil() as usize;
         lat[idx.clamp(1, lat.len()) - 1] as f64 / 1000.0
     };
+    if let Ok(path) = std::env::var("OPEN_LOOP_TIMELINE") {
+        write_timeline(
+            &path,
+            &tally.timeline.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+    }
     println!(
         "RESULT mode=open-loop requests={} secs={:.3} req_per_s={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} errors={} non2xx={} rate={}",
         lat.len(),
@@ -156,4 +177,28 @@ async fn main() {
         tally.non2xx.load(Ordering::Relaxed),
         rate,
     );
+}
+
+/// Per 100 ms of schedule: requests, p99 and worst latency.
+fn write_timeline(path: &str, points: &[(u64, u64)]) {
+    let mut slices: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for &(offset, micros) in points {
+        slices.entry(offset / 100).or_default().push(micros);
+    }
+    let mut out = String::new();
+    for (slice, mut lat) in slices {
+        lat.sort_unstable();
+        let p99 = lat[((lat.len() * 99).div_ceil(100)).clamp(1, lat.len()) - 1];
+        let max = lat[lat.len() - 1];
+        out.push_str(&format!(
+            "{} {} {:.3} {:.3}\n",
+            slice * 100,
+            lat.len(),
+            p99 as f64 / 1000.0,
+            max as f64 / 1000.0
+        ));
+    }
+    if let Err(e) = std::fs::write(path, out) {
+        eprintln!("open_loop: {path}: {e}");
+    }
 }

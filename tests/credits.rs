@@ -624,13 +624,15 @@ async fn sigint_exits_at_once_with_its_answers_charged() {
     );
 }
 
-/// A settlement batch charges all of its leases in one database call
-/// (migration V9): each lease gets its own rows and its own answer, in the
-/// batch's order; a lease that is no longer open gets nothing written (its
-/// predictions are logged as late captures); a batch retried after a commit
-/// whose answer was lost writes nothing twice. The books balance throughout.
+/// A settlement batch charges and closes all of its leases in one database
+/// call (migrations V9, V12): each lease gets its own rows and its own
+/// answer, in the batch's order; a lease that is no longer open gets nothing
+/// written (its predictions are logged as late captures); a lease asked to
+/// close gives what it still holds back to available after its rows; a
+/// batch retried after a commit whose answer was lost moves nothing twice.
+/// The books balance throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_call_charges_each_lease_of_a_batch_once() {
+async fn one_call_charges_and_closes_each_lease_of_a_batch_once() {
     let w = World::start_with(|o| o.env("CREDIT_LEASE_IDLE_MS", "600000")).await;
     let (a, token_a) = w.user_with("batch-a", 100, FLOW).await;
     let (b, token_b) = w.user_with("batch-b", 100, FLOW).await;
@@ -665,64 +667,109 @@ async fn one_call_charges_each_lease_of_a_batch_once() {
     let (lease_a, lease_b) = (lease_of(a).await, lease_of(b).await);
     let gone = uuid::Uuid::new_v4();
     let ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::new_v4()).collect();
+    let releases: Vec<uuid::Uuid> = (0..3).map(|_| uuid::Uuid::now_v7()).collect();
     // Groups: a (a charge and a void), b on a lease that is not open (one
-    // charge), b (two charges).
+    // charge), b (two charges, then its lease closes).
     let users = vec![a, b, b];
     let leases = vec![lease_a, gone, lease_b];
     let ends: Vec<i32> = vec![2, 3, 5];
+    let closes = vec![false, false, true];
     let amounts: Vec<i64> = vec![1, 0, 1, 1, 1];
     let kinds = vec!["charge", "void", "charge", "charge", "charge"];
     let rids = vec!["r1", "r2", "r3", "r4", "r5"];
     let cfs = vec![FLOW; 5];
     let call = || async {
         db.query_one(
-            "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[&users, &leases, &ends, &ids, &amounts, &kinds, &rids, &cfs],
+            "SELECT charge_and_close_leases($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &users, &leases, &ends, &closes, &releases, &ids, &amounts, &kinds, &rids, &cfs,
+            ],
         )
         .await
-        .expect("charge_leases")
+        .expect("charge_and_close_leases")
         .get::<_, Vec<bool>>(0)
     };
     let before = (w.balance(a).await, w.balance(b).await);
     assert_eq!(call().await, vec![true, false, true]);
     let after = (w.balance(a).await, w.balance(b).await);
     assert_eq!(after.0 .1, before.0 .1 - 1, "a's charge left held");
-    assert_eq!(after.1 .1, before.1 .1 - 2, "b's two charges left held");
+    assert_eq!(after.0 .0, before.0 .0, "a charge never touches available");
     assert_eq!(
-        (after.0 .0, after.1 .0),
-        (before.0 .0, before.1 .0),
-        "charges on a lease never touch available"
+        after.1,
+        (before.1 .0 + before.1 .1 - 2, 0),
+        "b paid its two charges and its lease gave the rest back"
     );
-    let rows_on = |lease: uuid::Uuid| {
+    let rows_on = |lease: uuid::Uuid, kinds: &'static [&'static str]| {
         let db = &db;
         async move {
             db.query_one(
-                "SELECT count(*) FROM ledger WHERE lease_id = $1 AND kind IN ('charge', 'void')",
-                &[&lease],
+                "SELECT count(*) FROM ledger WHERE lease_id = $1 AND kind::text = ANY($2)",
+                &[&lease, &kinds],
             )
             .await
             .expect("count")
             .get::<_, i64>(0)
         }
     };
+    const CHARGES: &[&str] = &["charge", "void"];
+    const RELEASES: &[&str] = &["release"];
     assert_eq!(
-        rows_on(lease_a).await,
+        rows_on(lease_a, CHARGES).await,
         1 + 2,
         "a's first charge and the two new rows"
     );
-    assert_eq!(rows_on(lease_b).await, 1 + 2);
+    assert_eq!(rows_on(lease_b, CHARGES).await, 1 + 2);
+    assert_eq!(rows_on(lease_b, RELEASES).await, 1, "b's close");
+    assert_eq!(rows_on(lease_a, RELEASES).await, 0, "a's lease stays open");
     assert_eq!(
-        rows_on(gone).await,
+        rows_on(gone, CHARGES).await,
         0,
         "nothing for a lease that is not open"
     );
     w.assert_books_balance().await;
-    // The same batch again (its commit's answer lost): nothing moves twice.
-    assert_eq!(call().await, vec![true, false, true]);
+    // The same batch again (its commit's answer lost): nothing moves twice;
+    // b's lease is closed now, so its group reports it.
+    assert_eq!(call().await, vec![true, false, false]);
     assert_eq!((w.balance(a).await, w.balance(b).await), after);
-    assert_eq!(rows_on(lease_a).await, 3);
-    assert_eq!(rows_on(lease_b).await, 3);
+    assert_eq!(rows_on(lease_a, CHARGES).await, 3);
+    assert_eq!(rows_on(lease_b, CHARGES).await, 3);
+    assert_eq!(rows_on(lease_b, RELEASES).await, 1);
     w.assert_books_balance().await;
+    // A close alone (an idle lease): no rows to charge, the rest goes back;
+    // asked twice, it closes once.
+    let close_only = || async {
+        let none_u: Vec<uuid::Uuid> = Vec::new();
+        let none_i: Vec<i64> = Vec::new();
+        let none_s: Vec<&str> = Vec::new();
+        db.query_one(
+            "SELECT charge_and_close_leases($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &vec![a],
+                &vec![lease_a],
+                &vec![0i32],
+                &vec![true],
+                &vec![uuid::Uuid::now_v7()],
+                &none_u,
+                &none_i,
+                &none_s,
+                &none_s,
+                &none_s,
+            ],
+        )
+        .await
+        .expect("charge_and_close_leases, a close alone")
+        .get::<_, Vec<bool>>(0)
+    };
+    for _ in 0..2 {
+        assert_eq!(close_only().await, vec![true]);
+        assert_eq!(
+            w.balance(a).await,
+            (after.0 .0 + after.0 .1, 0),
+            "a's lease gave back all it held"
+        );
+        assert_eq!(rows_on(lease_a, RELEASES).await, 1);
+        w.assert_books_balance().await;
+    }
 }
 
 /// The books refuse what no code path may write, whatever the statement:
@@ -770,7 +817,7 @@ async fn the_books_refuse_impossible_rows() {
     w.assert_books_balance().await;
 }
 
-/// The settlement's lease charges are never compiled by PostgreSQL's JIT,
+/// The settlement's lease charges and closes are never compiled by PostgreSQL's JIT,
 /// whatever the planner estimates. Where the ledger has no statistics
 /// (autovacuum off, or a large import not yet analyzed) the charge
 /// statement's estimate grows with the table and crosses `jit_above_cost`:
@@ -814,15 +861,15 @@ async fn settlement_charges_are_never_jit_compiled() {
         // function's own setting.
         let settings: Option<Vec<String>> = client
             .query_one(
-                "SELECT proconfig FROM pg_proc WHERE proname = 'charge_leases'",
+                "SELECT proconfig FROM pg_proc WHERE proname = 'charge_and_close_leases'",
                 &[],
             )
             .await
-            .expect("charge_leases settings")
+            .expect("charge_and_close_leases settings")
             .get(0);
         assert!(
             settings.is_some_and(|s| s.iter().any(|kv| kv == "jit=off")),
-            "charge_leases does not turn JIT off for itself"
+            "charge_and_close_leases does not turn JIT off for itself"
         );
         return;
     }
@@ -850,11 +897,13 @@ async fn settlement_charges_are_never_jit_compiled() {
     let row = uuid::Uuid::new_v4();
     client
         .query_one(
-            "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)",
+            "SELECT charge_and_close_leases($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             &[
                 &vec![uid],
                 &vec![lease],
                 &vec![1i32],
+                &vec![true],
+                &vec![uuid::Uuid::now_v7()],
                 &vec![row],
                 &vec![0i64],
                 &vec!["void"],
@@ -863,7 +912,7 @@ async fn settlement_charges_are_never_jit_compiled() {
             ],
         )
         .await
-        .expect("charge_leases");
+        .expect("charge_and_close_leases");
     client.batch_execute("ROLLBACK").await.expect("rollback");
     // The notices of the call arrive before its answer; the ROLLBACK's
     // answer came after them on the same connection.
@@ -872,15 +921,20 @@ async fn settlement_charges_are_never_jit_compiled() {
     while let Some(n) = notices.recv().await {
         plans.push(n);
     }
-    let charge_plan = plans
+    // Two statements write the ledger: the charge and the close.
+    let ledger_plans: Vec<&String> = plans
         .iter()
-        .find(|p| p.contains("INSERT INTO ledger"))
-        .unwrap_or_else(|| {
-            panic!("auto_explain showed no plan of the charge statement: {plans:#?}")
-        });
+        .filter(|p| p.contains("INSERT INTO ledger"))
+        .collect();
     assert!(
-        !charge_plan.contains("JIT:"),
-        "the charge statement was compiled by JIT:\n{charge_plan}"
+        ledger_plans.len() >= 2,
+        "auto_explain did not show the charge and the close: {plans:#?}"
     );
+    for plan in ledger_plans {
+        assert!(
+            !plan.contains("JIT:"),
+            "a settlement statement was compiled by JIT:\n{plan}"
+        );
+    }
     w.assert_books_balance().await;
 }

@@ -270,9 +270,10 @@ impl LeaseBook {
             .collect()
     }
 
-    /// Leases unused since `idle_before` (nothing running): to be closed.
-    /// With `idle_before` in the future, every lease (shutdown).
-    pub fn idle(&self, idle_before: Instant) -> Vec<GiveBack> {
+    /// Up to `most` leases unused since `idle_before` (nothing running): to
+    /// be closed. With `idle_before` in the future, every lease (shutdown).
+    /// Leases past `most` stay as they are, for a later call.
+    pub fn idle(&self, idle_before: Instant, most: usize) -> Vec<GiveBack> {
         let mut users = self.users.lock();
         let mut out = Vec::new();
         for (user_id, u) in users.iter_mut() {
@@ -280,6 +281,9 @@ impl LeaseBook {
                 u.exact_until = None;
             }
             for l in &mut u.leases {
+                if out.len() == most {
+                    break;
+                }
                 if l.last_used < idle_before && !l.closing {
                     l.closing = true;
                     if l.running == 0 {
@@ -403,11 +407,35 @@ mod tests {
     }
 
     #[test]
+    fn idle_leases_close_a_bounded_number_at_a_time() {
+        let book = LeaseBook::default();
+        let now = Instant::now();
+        for user in 1..=5 {
+            let Decision::Take { .. } = book.admit(user, 1, now) else {
+                panic!("the first request takes a lease")
+            };
+            let id = Uuid::now_v7();
+            book.taken(user, id, 4, 1, 0, now);
+            assert!(book.finished(user, id, 1, 1).is_none(), "still open");
+        }
+        let later = now + Duration::from_secs(1);
+        let mut closed: Vec<i64> = Vec::new();
+        for expected in [2, 2, 1, 0] {
+            let idle = book.idle(later, 2);
+            assert_eq!(idle.len(), expected, "after {closed:?}");
+            assert!(idle.iter().all(|g| g.close));
+            closed.extend(idle.iter().map(|g| g.user_id));
+        }
+        closed.sort_unstable();
+        assert_eq!(closed, vec![1, 2, 3, 4, 5], "each lease closed once");
+    }
+
+    #[test]
     fn idle_leases_close() {
         let (book, id, now) = running_on_a_lease_of_four();
-        assert!(book.idle(now).is_empty(), "not idle yet");
+        assert!(book.idle(now, usize::MAX).is_empty(), "not idle yet");
         let later = now + Duration::from_secs(1);
-        assert!(book.idle(later).is_empty(), "one still running");
+        assert!(book.idle(later, usize::MAX).is_empty(), "one still running");
         assert!(
             book.finished(1, id, 1, 1).is_some_and(|b| b.close),
             "closing, and now nothing runs"

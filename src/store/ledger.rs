@@ -47,7 +47,8 @@ pub async fn place_hold(
 // A batch's lease charges, one call: the function (migration V9) runs, per
 // lease, the statement that writes its rows; see there for why it is one
 // call and not one statement per lease.
-const CHARGE_LEASES_SQL: &str = "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)";
+const CHARGE_LEASES_SQL: &str =
+    "SELECT charge_and_close_leases($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 const RELEASE_LEASE_SQL: &str = "WITH cur AS (
                 SELECT hold_id, user_id,
@@ -92,7 +93,7 @@ const SETTLE_SQL: &str = "WITH h AS (
 pub async fn prepare_settlement(
     c: &deadpool_postgres::Transaction<'_>,
 ) -> Result<(), tokio_postgres::Error> {
-    for sql in [SETTLE_SQL, CHARGE_LEASES_SQL, RELEASE_LEASE_SQL] {
+    for sql in [SETTLE_SQL, CHARGE_LEASES_SQL] {
         c.prepare_cached(sql).await?;
     }
     Ok(())
@@ -148,28 +149,40 @@ pub struct LeaseCharge<'a> {
     pub chatflow_id: &'a str,
 }
 
-/// The predictions admitted on one lease of one user since the last batch.
+/// The predictions admitted on one lease of one user since the last batch,
+/// and whether the lease closes after them.
 pub struct LeaseCharges<'a> {
     pub user_id: i64,
     pub lease_id: Uuid,
     pub rows: Vec<LeaseCharge<'a>>,
+    /// Close the lease after its rows: what it still holds goes back to
+    /// available, with a `release` ledger row.
+    pub close: bool,
 }
 
-/// Writes the rows of predictions admitted on leases, and moves what they
-/// kept out of held: per lease, one statement inside one call (so a batch's
-/// charges cost one round trip). `leases` must be in the batch's lock order
-/// (by user). Rows already written (a batch retried after a commit whose
-/// answer was lost) are skipped. Per lease, `false` when it is no longer
-/// open (expired): nothing is written for it. It changes no indexed column
-/// (renewal is the renewer's), so both updates are HOT: no index entries
-/// per batch.
-pub async fn charge_leases(
+/// Writes the rows of predictions admitted on leases, moves what they kept
+/// out of held, and closes the leases that asked for it: per lease, one
+/// statement for its charges and one for its close, inside one call (so a
+/// batch costs one round trip, migrations V9 and V12). `leases` must be in
+/// the batch's lock order (by user). Rows already written (a batch retried
+/// after a commit whose answer was lost) are skipped, and a lease already
+/// closed is not closed again. Per lease, `false` when it had rows and is no
+/// longer open (expired): nothing is written for them. The charge changes no
+/// indexed column (renewal is the renewer's), so both of its updates are
+/// HOT: no index entries per batch.
+pub async fn charge_and_close_leases(
     c: &deadpool_postgres::Transaction<'_>,
     leases: &[LeaseCharges<'_>],
 ) -> Result<Vec<bool>, StoreError> {
     let stmt = c.prepare_cached(CHARGE_LEASES_SQL).await?;
     let users: Vec<i64> = leases.iter().map(|l| l.user_id).collect();
     let ids_of_leases: Vec<Uuid> = leases.iter().map(|l| l.lease_id).collect();
+    let closes: Vec<bool> = leases.iter().map(|l| l.close).collect();
+    // The id of each close's `release` row (unused where nothing closes).
+    let release_ids: Vec<Uuid> = leases
+        .iter()
+        .map(|l| if l.close { Uuid::now_v7() } else { Uuid::nil() })
+        .collect();
     // Where each lease's rows end in the row arrays (a batch holds at most
     // `SETTLE_BATCH` rows, far below i32::MAX).
     let mut end = 0usize;
@@ -193,6 +206,8 @@ pub async fn charge_leases(
                 &users,
                 &ids_of_leases,
                 &ends,
+                &closes,
+                &release_ids,
                 &ids,
                 &amounts,
                 &kinds,
@@ -206,7 +221,7 @@ pub async fn charge_leases(
         // The batch is rolled back and retried rather than settled on a
         // guess.
         return Err(StoreError::Unavailable(format!(
-            "charge_leases answered for {} leases, asked for {}",
+            "charge_and_close_leases answered for {} leases, asked for {}",
             open.len(),
             leases.len()
         )));
