@@ -201,6 +201,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let open = OPEN_COUNT.fetch_sub(1, Ordering::AcqRel) - 1;
         OPEN.set(open as i64);
+        super::memory::note_closed(open);
     }
 }
 
