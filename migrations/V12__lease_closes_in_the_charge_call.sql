@@ -19,8 +19,9 @@
 -- per group, false where it had charges and found its lease no longer open
 -- (nothing written for them).
 --
--- charge_leases stays for instances of the previous version during a rolling
--- upgrade.
+-- charge_leases stays, for instances of the previous version still running
+-- during a rolling upgrade, as a call of this function with no closes: one
+-- implementation of the charge statement in the database, not two.
 CREATE FUNCTION charge_and_close_leases(
     p_user bigint[], p_lease uuid[], p_end int[], p_close boolean[], p_release uuid[],
     p_id uuid[], p_amount bigint[], p_kind text[], p_rid text[], p_cf text[]
@@ -100,4 +101,16 @@ BEGIN
     END LOOP;
     RETURN v_written;
 END
+$$;
+
+CREATE OR REPLACE FUNCTION charge_leases(
+    p_user bigint[], p_lease uuid[], p_end int[],
+    p_id uuid[], p_amount bigint[], p_kind text[], p_rid text[], p_cf text[]
+) RETURNS boolean[]
+LANGUAGE sql AS $$
+    SELECT charge_and_close_leases(
+        p_user, p_lease, p_end,
+        array_fill(false, ARRAY[coalesce(array_length(p_user, 1), 0)]),
+        array_fill(NULL::uuid, ARRAY[coalesce(array_length(p_user, 1), 0)]),
+        p_id, p_amount, p_kind, p_rid, p_cf)
 $$;

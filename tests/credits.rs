@@ -629,8 +629,9 @@ async fn sigint_exits_at_once_with_its_answers_charged() {
 /// answer, in the batch's order; a lease that is no longer open gets nothing
 /// written (its predictions are logged as late captures); a lease asked to
 /// close gives what it still holds back to available after its rows; a
-/// batch retried after a commit whose answer was lost moves nothing twice.
-/// The books balance throughout.
+/// batch retried after a commit whose answer was lost moves nothing twice;
+/// the previous version's `charge_leases` charges the same way. The books
+/// balance throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_call_charges_and_closes_each_lease_of_a_batch_once() {
     let w = World::start_with(|o| o.env("CREDIT_LEASE_IDLE_MS", "600000")).await;
@@ -735,6 +736,29 @@ async fn one_call_charges_and_closes_each_lease_of_a_batch_once() {
     assert_eq!(rows_on(lease_b, CHARGES).await, 3);
     assert_eq!(rows_on(lease_b, RELEASES).await, 1);
     w.assert_books_balance().await;
+    // An instance of the previous version (a rolling upgrade) still calls
+    // charge_leases: the same charge, no close.
+    let older = db
+        .query_one(
+            "SELECT charge_leases($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[
+                &vec![a],
+                &vec![lease_a],
+                &vec![1i32],
+                &vec![uuid::Uuid::new_v4()],
+                &vec![1i64],
+                &vec!["charge"],
+                &vec!["r6"],
+                &vec![FLOW],
+            ],
+        )
+        .await
+        .expect("charge_leases")
+        .get::<_, Vec<bool>>(0);
+    assert_eq!(older, vec![true]);
+    let a_now = w.balance(a).await;
+    assert_eq!(a_now, (after.0 .0, after.0 .1 - 1), "charged, still open");
+    assert_eq!(rows_on(lease_a, RELEASES).await, 0);
     // A close alone (an idle lease): no rows to charge, the rest goes back;
     // asked twice, it closes once.
     let close_only = || async {
@@ -764,7 +788,7 @@ async fn one_call_charges_and_closes_each_lease_of_a_batch_once() {
         assert_eq!(close_only().await, vec![true]);
         assert_eq!(
             w.balance(a).await,
-            (after.0 .0 + after.0 .1, 0),
+            (a_now.0 + a_now.1, 0),
             "a's lease gave back all it held"
         );
         assert_eq!(rows_on(lease_a, RELEASES).await, 1);

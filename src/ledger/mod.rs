@@ -644,7 +644,7 @@ impl Ledger {
             let released = async {
                 let mut c = self.db.get().await?;
                 let tx = c.transaction().await?;
-                let r = sql::release_lease(&tx, g.user_id, g.lease, Some(g.release), true).await?;
+                let r = sql::give_back_part(&tx, g.user_id, g.lease, g.release).await?;
                 tx.commit().await?;
                 Ok::<_, StoreError>(r)
             }

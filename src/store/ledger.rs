@@ -44,31 +44,29 @@ pub async fn place_hold(
     Ok(row.map(|r| r.get(0)))
 }
 
-// A batch's lease charges, one call: the function (migration V9) runs, per
-// lease, the statement that writes its rows; see there for why it is one
-// call and not one statement per lease.
-const CHARGE_LEASES_SQL: &str =
+// A batch's lease charges and closes, one call: the function (migrations V9,
+// V12) runs, per lease, the statements that write its rows and close it; see
+// there for why it is one call and not one statement per lease.
+const CHARGE_AND_CLOSE_LEASES_SQL: &str =
     "SELECT charge_and_close_leases($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
-const RELEASE_LEASE_SQL: &str = "WITH cur AS (
-                SELECT hold_id, user_id,
-                       LEAST(COALESCE($3, amount), amount - COALESCE(captured, 0) - released) AS r
+// Part of an open lease back to available, answering another instance's
+// recall (a lease's close is the settlement's, in the call above).
+const GIVE_BACK_SQL: &str = "WITH cur AS (
+                SELECT hold_id,
+                       LEAST($3, amount - COALESCE(captured, 0) - released) AS r
                 FROM holds WHERE user_id = $1 AND hold_id = $2 AND state = 'open' AND lease
                 FOR UPDATE
              ), h AS (
-                UPDATE holds SET released = released + cur.r,
-                       recalled = recalled OR $4,
-                       state = CASE WHEN $3::bigint IS NOT NULL THEN state
-                                    WHEN COALESCE(captured, 0) > 0 THEN 'captured' ELSE 'voided' END,
-                       settled_at = CASE WHEN $3::bigint IS NULL THEN now() END
+                UPDATE holds SET released = released + cur.r, recalled = true
                 FROM cur WHERE holds.user_id = $1 AND holds.hold_id = cur.hold_id
-                RETURNING holds.user_id, cur.r
+                RETURNING cur.r
              ), a AS (
                 UPDATE accounts SET held = held - h.r, available = available + h.r, updated_at = now()
                 FROM h WHERE accounts.user_id = $1 AND h.r > 0
              ), l AS (
                 INSERT INTO ledger (user_id, kind, delta_available, delta_held, hold_id, lease_id)
-                SELECT $1, 'release', r, -r, $5, $2 FROM h WHERE r > 0
+                SELECT $1, 'release', r, -r, $4, $2 FROM h WHERE r > 0
              )
              SELECT r FROM h";
 
@@ -93,7 +91,7 @@ const SETTLE_SQL: &str = "WITH h AS (
 pub async fn prepare_settlement(
     c: &deadpool_postgres::Transaction<'_>,
 ) -> Result<(), tokio_postgres::Error> {
-    for sql in [SETTLE_SQL, CHARGE_LEASES_SQL] {
+    for sql in [SETTLE_SQL, CHARGE_AND_CLOSE_LEASES_SQL] {
         c.prepare_cached(sql).await?;
     }
     Ok(())
@@ -174,7 +172,7 @@ pub async fn charge_and_close_leases(
     c: &deadpool_postgres::Transaction<'_>,
     leases: &[LeaseCharges<'_>],
 ) -> Result<Vec<bool>, StoreError> {
-    let stmt = c.prepare_cached(CHARGE_LEASES_SQL).await?;
+    let stmt = c.prepare_cached(CHARGE_AND_CLOSE_LEASES_SQL).await?;
     let users: Vec<i64> = leases.iter().map(|l| l.user_id).collect();
     let ids_of_leases: Vec<Uuid> = leases.iter().map(|l| l.lease_id).collect();
     let closes: Vec<bool> = leases.iter().map(|l| l.close).collect();
@@ -229,25 +227,20 @@ pub async fn charge_and_close_leases(
     Ok(open)
 }
 
-/// Gives back part of an open lease (`Some(amount)`, at most its open
-/// remainder) or closes it (`None`: all of its open remainder), with a
-/// `release` ledger row. `recalled` marks it as answered to another
-/// instance's recall. Returns what was released, `None` when the lease is
-/// not open.
-pub async fn release_lease(
+/// Gives back up to `amount` of an open lease (at most its open remainder)
+/// with a `release` ledger row, and marks the lease as having answered a
+/// recall; it stays open. Returns what was released, `None` when the lease
+/// is not open.
+pub async fn give_back_part(
     c: &deadpool_postgres::Transaction<'_>,
     user_id: i64,
     lease_id: Uuid,
-    amount: Option<i64>,
-    recalled: bool,
+    amount: i64,
 ) -> Result<Option<i64>, tokio_postgres::Error> {
-    let stmt = c.prepare_cached(RELEASE_LEASE_SQL).await?;
+    let stmt = c.prepare_cached(GIVE_BACK_SQL).await?;
     let release_id = Uuid::now_v7();
     let row = c
-        .query_opt(
-            &stmt,
-            &[&user_id, &lease_id, &amount, &recalled, &release_id],
-        )
+        .query_opt(&stmt, &[&user_id, &lease_id, &amount, &release_id])
         .await?;
     Ok(row.map(|r| r.get(0)))
 }
